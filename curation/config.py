@@ -1,0 +1,172 @@
+"""Pipeline YAML -> validated config objects.
+
+A pipeline names its operators in order (map operators first, then global ones), the
+tiers kept samples are routed to (SQL predicates over sidecar columns, first match
+wins), and how tier shards are cut. Every problem is reported as one ConfigError line
+that names the file and the offending entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .ops import GlobalOp, MapOp, Operator, Resources, registry
+
+TIER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    name: str
+    cls: type[Operator]
+    params: Any
+    resources: Resources | None  # None for global operators
+
+    def build(self) -> Operator:
+        return self.cls(self.params)
+
+    def describe(self) -> dict:
+        d = {"op": self.name, "version": self.cls.version, **dataclasses.asdict(self.params)}
+        if self.resources is not None:
+            d["resources"] = dataclasses.asdict(self.resources)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class TierRule:
+    name: str
+    where: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPolicy:
+    max_samples: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    path: str
+    seed: int
+    map_ops: tuple[OpSpec, ...]
+    global_ops: tuple[OpSpec, ...]
+    tiers: tuple[TierRule, ...]
+    shard: ShardPolicy
+
+    @property
+    def config_hash(self) -> str:
+        """Hash of everything that changes the output (not the file's path or comments)."""
+        canon = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    @property
+    def op_versions(self) -> dict[str, str]:
+        return {s.name: s.cls.version for s in (*self.map_ops, *self.global_ops)}
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "ops": [s.describe() for s in (*self.map_ops, *self.global_ops)],
+            "tiers": [dataclasses.asdict(t) for t in self.tiers],
+            "shard": dataclasses.asdict(self.shard),
+        }
+
+
+def _require_mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _parse_op(entry: Any, where: str) -> OpSpec:
+    entry = dict(_require_mapping(entry, where))
+    name = entry.pop("op", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: each operator needs 'op: NAME'")
+    ops = registry()
+    if name not in ops:
+        raise ConfigError(f"{where}: unknown operator '{name}'; known: {', '.join(sorted(ops))}")
+    cls = ops[name]
+    res_overrides = _require_mapping(entry.pop("resources", {}) or {}, f"{where}.resources")
+    params = cls.parse_params(entry, where)
+    if issubclass(cls, MapOp):
+        return OpSpec(name, cls, params, cls.resources.with_overrides(res_overrides, where))
+    if res_overrides:
+        raise ConfigError(f"{where} ({name}): a global operator runs on the driver and takes no resources")
+    return OpSpec(name, cls, params, None)
+
+
+def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
+    doc = _require_mapping(doc, f"{path}: the top level")
+    allowed = {"name", "description", "seed", "ops", "tiers", "shard"}
+    unknown = set(doc) - allowed
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    name = doc.get("name") or Path(path).stem
+    seed = doc.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{path}: seed must be an integer")
+
+    ops_raw = doc.get("ops")
+    if not isinstance(ops_raw, list) or not ops_raw:
+        raise ConfigError(f"{path}: 'ops' must be a non-empty list of operators")
+    specs = [_parse_op(e, f"{path}: ops[{i}]") for i, e in enumerate(ops_raw)]
+    map_ops = [s for s in specs if issubclass(s.cls, MapOp)]
+    global_ops = [s for s in specs if issubclass(s.cls, GlobalOp)]
+    first_global = next((i for i, s in enumerate(specs) if issubclass(s.cls, GlobalOp)), len(specs))
+    if any(issubclass(s.cls, MapOp) for s in specs[first_global:]):
+        raise ConfigError(f"{path}: map operators must come before global ones ({specs[first_global].name} is global)")
+    if not map_ops or map_ops[0].name != "decode_image":
+        raise ConfigError(f"{path}: the first operator must be decode_image")
+
+    tiers_raw = doc.get("tiers")
+    if not isinstance(tiers_raw, list) or not tiers_raw:
+        raise ConfigError(f"{path}: 'tiers' must be a non-empty list of {{name, where}}")
+    tiers = []
+    for i, t in enumerate(tiers_raw):
+        t = _require_mapping(t, f"{path}: tiers[{i}]")
+        extra = set(t) - {"name", "where"}
+        if extra:
+            raise ConfigError(f"{path}: tiers[{i}]: unknown key(s) {sorted(extra)}")
+        tname, where = t.get("name"), t.get("where", "true")
+        if not isinstance(tname, str) or not TIER_NAME.match(tname):
+            raise ConfigError(f"{path}: tiers[{i}]: name must match {TIER_NAME.pattern}, got {tname!r}")
+        if not isinstance(where, str) or not where.strip():
+            raise ConfigError(f"{path}: tiers[{i}] ({tname}): 'where' must be a SQL predicate string")
+        tiers.append(TierRule(tname, where.strip()))
+    names = [t.name for t in tiers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: tier names repeat: {names}")
+
+    shard_raw = dict(_require_mapping(doc.get("shard", {}) or {}, f"{path}: shard"))
+    max_samples = shard_raw.pop("max_samples", ShardPolicy.max_samples)
+    if shard_raw:
+        raise ConfigError(f"{path}: shard: unknown key(s) {sorted(shard_raw)}; known: ['max_samples']")
+    if not isinstance(max_samples, int) or max_samples < 1:
+        raise ConfigError(f"{path}: shard.max_samples must be a positive integer")
+
+    return PipelineConfig(name, path, seed, tuple(map_ops), tuple(global_ops), tuple(tiers), ShardPolicy(max_samples))
+
+
+def load(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        # safe_load: pipeline files are data, never code.
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from None
+    return parse(doc, str(path))

@@ -1,0 +1,127 @@
+"""Rendered scenes with learnable structure.
+
+Each scene holds 1-3 coloured shapes, each in its own horizontal slot (left, middle,
+right). Captions and question/answer pairs are generated from the same scene
+description, so they are true of the image: a model can learn colours, shapes, counts
+and positions from them, and a mismatched caption is detectably wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+SLOTS = ("left", "middle", "right")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+SIGN_WORDS = (
+    "OPEN", "CLOSED", "STOP", "EXIT", "SALE", "HOTEL", "PARKING", "CAFE", "BAKERY", "LIBRARY",
+    "MUSEUM", "STATION", "PHARMACY", "GARDEN", "MARKET", "SCHOOL", "BRIDGE", "HARBOR", "THEATER", "BANK",
+)
+BACKGROUNDS = ((245, 245, 245), (230, 236, 245), (245, 238, 225), (225, 240, 228))
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    slot: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    jitter: tuple[int, ...]  # vertical offset per object, in pixels
+    word: str | None = None  # text on a sign, for OCR-rich images
+
+
+def random_scene(rng: random.Random, with_word: bool = False) -> Scene:
+    n = rng.randint(1, 3)
+    slots = sorted(rng.sample(SLOTS, n), key=SLOTS.index)
+    combos = rng.sample([(s, c) for s in SHAPES for c in COLOURS], n)
+    objects = tuple(Obj(s, c, slot) for (s, c), slot in zip(combos, slots))
+    size = rng.choice([(160, 160), (192, 144), (224, 224), (256, 192), (144, 192)])
+    jitter = tuple(rng.randint(-12, 12) for _ in objects)
+    word = rng.choice(SIGN_WORDS) if with_word else None
+    return Scene(objects, size[0], size[1], rng.choice(BACKGROUNDS), jitter, word)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def render(scene: Scene) -> Image.Image:
+    img = Image.new("RGB", (scene.width, scene.height), scene.background)
+    draw = ImageDraw.Draw(img)
+    w, h = scene.width, scene.height
+    shape_top = h * 0.55 if scene.word else h * 0.5
+    r = int(min(w / 8, h / 5))
+    for obj, dy in zip(scene.objects, scene.jitter):
+        cx = int(w * (SLOTS.index(obj.slot) * 2 + 1) / 6)
+        cy = int(shape_top + dy)
+        fill = COLOURS[obj.colour]
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    if scene.word:
+        font = _font(max(14, h // 7))
+        left, top, right, bottom = draw.textbbox((0, 0), scene.word, font=font)
+        tx, ty = (w - (right - left)) // 2, int(h * 0.08)
+        draw.rectangle((tx - 6, ty - 4, tx + right - left + 6, ty + bottom - top + 10), fill=(255, 255, 255), outline=(0, 0, 0))
+        draw.text((tx - left, ty - top + 2), scene.word, fill=(0, 0, 0), font=font)
+    return img
+
+
+def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _phrase(obj: Obj) -> str:
+    where = "in the middle" if obj.slot == "middle" else f"on the {obj.slot}"
+    return f"a {obj.colour} {obj.shape} {where}"
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    parts = [_phrase(o) for o in scene.objects]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    n = len(scene.objects)
+    opener = rng.choice([
+        "A picture of", "An image showing", "A simple drawing of",
+        f"{NUMBER_WORDS[n].capitalize()} shape{'s' if n > 1 else ''}:",
+    ])
+    text = f"{opener} {body}."
+    if scene.word:
+        text = f"A sign that says {scene.word} above {body}."
+    return text
+
+
+def questions(scene: Scene) -> list[dict[str, str]]:
+    """Question/answer pairs that are true of the scene (the trainer's held-out eval)."""
+    qa = [{"q": "How many shapes are there?", "a": NUMBER_WORDS[len(scene.objects)]}]
+    for o in scene.objects:
+        qa.append({"q": f"What colour is the {o.shape}?", "a": o.colour})
+        where = "in the middle" if o.slot == "middle" else f"on the {o.slot}"
+        qa.append({"q": f"What shape is {where}?", "a": o.shape})
+    if scene.word:
+        qa.append({"q": "What does the sign say?", "a": scene.word.lower()})
+    return qa

@@ -1,0 +1,151 @@
+"""The operator interface.
+
+Two kinds of operator, both configured from pipeline YAML (`- op: NAME` plus params):
+
+* MapOp: runs inside Ray Data actors on batches (a pandas DataFrame). Built once per
+  actor, so models load once. It sees only the rows still alive (status == "kept"),
+  annotates columns, and rejects rows with `self.drop` / `self.fail` instead of removing
+  them, so every sample reaches the ledger. If `process` raises on a batch, the batch is
+  retried row by row and only the offending rows are marked failed.
+* GlobalOp: needs the whole run at once (dedup, top-fraction thresholds). Runs on the
+  driver over the annotated table after every MapOp has finished.
+
+Adding an operator is a new module in curation/ops/ with a class decorated by
+@register; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from typing import Any, ClassVar
+
+import pandas as pd
+
+from ..errors import ConfigError
+
+LIVE = "kept"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What one actor of a MapOp needs. On CPU-only nodes keep num_cpus fractional so
+    the Ray Data read tasks are never starved (a 2-CPU pool that takes every CPU hangs)."""
+
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    batch_size: int = 64
+    concurrency: int | None = None  # actors in the pool; None sizes it from the cluster
+
+    def with_overrides(self, overrides: dict[str, Any], where: str) -> "Resources":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ConfigError(f"{where}: unknown resources key(s) {sorted(unknown)}; known: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+
+class Operator:
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+
+    @dataclasses.dataclass
+    class Params:
+        pass
+
+    def __init__(self, params: "Operator.Params"):
+        self.params = params
+
+    @classmethod
+    def parse_params(cls, raw: dict[str, Any], where: str) -> "Operator.Params":
+        fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+        unknown = set(raw) - set(fields)
+        if unknown:
+            raise ConfigError(f"{where} ({cls.name}): unknown option(s) {sorted(unknown)}; known: {sorted(fields) or 'none'}")
+        try:
+            params = cls.Params(**raw)
+        except TypeError as exc:
+            raise ConfigError(f"{where} ({cls.name}): {exc}") from None
+        for f in fields.values():
+            value = getattr(params, f.name)
+            numeric = f.type in (int, float, "int", "float")
+            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{where} ({cls.name}): option '{f.name}' must be a number, got {value!r}")
+        cls.check_params(params, where)
+        return params
+
+    @classmethod
+    def check_params(cls, params: "Operator.Params", where: str) -> None:
+        """Override to reject out-of-range values with a ConfigError."""
+
+    # Status helpers shared by every operator -------------------------------------
+    @staticmethod
+    def drop(batch: pd.DataFrame, mask, reason: str) -> None:
+        mask = pd.Series(mask, index=batch.index) & (batch["status"] == LIVE)
+        batch.loc[mask, "status"] = "dropped"
+        batch.loc[mask, "reason"] = reason
+
+    @staticmethod
+    def fail(batch: pd.DataFrame, index, reason: str, error: str) -> None:
+        batch.loc[index, "status"] = "failed"
+        batch.loc[index, "reason"] = reason
+        batch.loc[index, "error"] = error
+
+
+class MapOp(Operator):
+    resources: ClassVar[Resources] = Resources()
+    # Cheap CPU operators that are fusable share one actor stage, so decoded images
+    # pass between them in memory instead of through the object store.
+    fusable: ClassVar[bool] = True
+    # Columns this operator writes (must be declared in schemas/sidecar.schema.json).
+    outputs: ClassVar[tuple[str, ...]] = ()
+
+    def process(self, live: pd.DataFrame) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        live_mask = batch["status"] == LIVE
+        if not live_mask.any():
+            return batch
+        live = batch.loc[live_mask].copy()
+        try:
+            done = self.process(live)
+        except Exception:  # isolate the bad rows instead of failing the whole batch
+            done = pd.concat([self._process_one(live.loc[[i]]) for i in live.index])
+        for col in done.columns:
+            if col not in batch.columns:
+                batch[col] = None
+            batch[col] = batch[col].astype(object)
+            batch.loc[done.index, col] = done[col].astype(object)
+        return batch
+
+    def _process_one(self, row: pd.DataFrame) -> pd.DataFrame:
+        try:
+            return self.process(row.copy())
+        except Exception as exc:
+            row = row.copy()
+            last = traceback.extract_tb(exc.__traceback__)[-1]
+            self.fail(row, row.index, f"{self.name}_error", f"{type(exc).__name__}: {exc} (at {last.name}:{last.lineno})")
+            return row
+
+
+class GlobalOp(Operator):
+    def apply(self, table: pd.DataFrame) -> pd.DataFrame:
+        """Return the table with status/reason (and dup_of etc.) updated for live rows."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Operator]] = {}
+
+
+def register(cls: type[Operator]) -> type[Operator]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"operator name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Operator]]:
+    from . import _discover  # noqa: F401  (imports every operator module once)
+
+    return dict(_REGISTRY)
