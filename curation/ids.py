@@ -4,8 +4,9 @@ so re-running any stage gives every sample the same identity."""
 import hashlib
 
 
-def make_uid(source: str, position: int) -> str:
-    """uid of the row at `position` of url list `source` (16 hex chars)."""
+def make_uid(source: str, position: int | str) -> str:
+    """uid of the row at `position` of url list `source` (16 hex chars). For shards
+    from producers that recorded no uid, position is the sample's key in its shard."""
     return hashlib.blake2b(f"{source}\x1f{position}".encode(), digest_size=8).hexdigest()
 
 

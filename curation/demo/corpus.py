@@ -27,7 +27,7 @@ from PIL import Image
 
 from . import scenes
 
-CORPUS_VERSION = "1"
+CORPUS_VERSION = "2"
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ class Scene:
     background: tuple[int, int, int]
     jitter: tuple[int, ...]  # vertical offset per object, in pixels
     word: str | None = None  # text on a sign, for OCR-rich images
+    texture: int = 0  # seed of the faint background strokes that make each image unique
+    scale: float = 1.0  # object size factor
 
 
 def random_scene(rng: random.Random, with_word: bool = False) -> Scene:
@@ -57,7 +59,27 @@ def random_scene(rng: random.Random, with_word: bool = False) -> Scene:
     size = rng.choice([(160, 160), (192, 144), (224, 224), (256, 192), (144, 192)])
     jitter = tuple(rng.randint(-12, 12) for _ in objects)
     word = rng.choice(SIGN_WORDS) if with_word else None
-    return Scene(objects, size[0], size[1], rng.choice(BACKGROUNDS), jitter, word)
+    return Scene(objects, size[0], size[1], rng.choice(BACKGROUNDS), jitter, word,
+                 texture=rng.randrange(1 << 30), scale=rng.uniform(0.8, 1.15))
+
+
+def _background(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
+    """Faint strokes and patches: like real photos, no two backgrounds are the same,
+    so perceptual hashes separate distinct scenes while staying stable under re-encoding."""
+    rng = random.Random(scene.texture)
+    base = scene.background
+    for _ in range(rng.randint(8, 14)):
+        tone = tuple(max(0, c - rng.randint(40, 110)) for c in base)
+        x0, y0 = rng.randrange(scene.width), rng.randrange(scene.height)
+        x1, y1 = rng.randrange(scene.width), rng.randrange(scene.height)
+        kind = rng.random()
+        if kind < 0.45:
+            draw.line((x0, y0, x1, y1), fill=tone, width=rng.randint(2, 7))
+        elif kind < 0.8:
+            draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), outline=tone, width=3)
+        else:
+            pale = tuple(max(0, c - rng.randint(15, 45)) for c in base)
+            draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), fill=pale)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -67,9 +89,10 @@ def _font(size: int) -> ImageFont.ImageFont:
 def render(scene: Scene) -> Image.Image:
     img = Image.new("RGB", (scene.width, scene.height), scene.background)
     draw = ImageDraw.Draw(img)
+    _background(draw, scene)
     w, h = scene.width, scene.height
     shape_top = h * 0.55 if scene.word else h * 0.5
-    r = int(min(w / 8, h / 5))
+    r = int(min(w / 8, h / 5) * scene.scale)
     for obj, dy in zip(scene.objects, scene.jitter):
         cx = int(w * (SLOTS.index(obj.slot) * 2 + 1) / 6)
         cy = int(shape_top + dy)

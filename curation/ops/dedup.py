@@ -51,22 +51,6 @@ class ExactDedup(GlobalOp):
         return _mark_duplicates(table, groups, "duplicate_exact")
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def near_duplicate_pairs(hashes: np.ndarray, max_hamming: int) -> list[tuple[int, int]]:
     """All pairs (i, j), i < j, of 64-bit hashes within max_hamming bits.
 
@@ -96,8 +80,13 @@ def near_duplicate_pairs(hashes: np.ndarray, max_hamming: int) -> list[tuple[int
 
 @register
 class NearDedup(GlobalOp):
-    """Perceptual near-duplicates: phash within max_hamming bits (of 64), grouped into
-    connected components. Run after exact_dedup so byte-identical copies say so."""
+    """Perceptual near-duplicates: phash within max_hamming bits (of 64).
+
+    Star clustering, not connected components: samples are visited in preference order
+    (most pixels, then uid); an unclaimed sample becomes a representative and claims
+    every unclaimed neighbour within max_hamming of *itself*. So every dropped sample is
+    truly close to the uid in its dup_of, and chains A~B~C never merge A with C.
+    Run after exact_dedup so byte-identical copies say so."""
 
     name = "near_dedup"
     version = "1"
@@ -115,11 +104,22 @@ class NearDedup(GlobalOp):
         live = table[(table["status"] == LIVE) & table["phash"].notna()]
         if live.empty:
             return table
-        hashes = np.array([int(h, 16) for h in live["phash"]], dtype=np.uint64)
-        uf = _UnionFind(len(live))
+        ordered = _preference_order(live)
+        hashes = np.array([int(h, 16) for h in ordered["phash"]], dtype=np.uint64)
+        neighbours: dict[int, list[int]] = defaultdict(list)
         for a, b in near_duplicate_pairs(hashes, self.params.max_hamming):
-            uf.union(a, b)
-        comps: dict[int, list[int]] = defaultdict(list)
-        for pos, idx in enumerate(live.index):
-            comps[uf.find(pos)].append(idx)
-        return _mark_duplicates(table, list(comps.values()), "duplicate_near")
+            neighbours[a].append(b)
+            neighbours[b].append(a)
+        claimed = [False] * len(ordered)
+        groups = []
+        for pos in range(len(ordered)):  # preference order: the first unclaimed is a representative
+            if claimed[pos]:
+                continue
+            claimed[pos] = True
+            members = [pos]
+            for other in sorted(neighbours.get(pos, ())):
+                if not claimed[other]:
+                    claimed[other] = True
+                    members.append(other)
+            groups.append([ordered.index[m] for m in members])
+        return _mark_duplicates(table, groups, "duplicate_near")

@@ -1,0 +1,1 @@
+"""Crawl: url lists -> raw shards (tar + parquet per shard) and a crawl ledger."""

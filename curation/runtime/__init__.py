@@ -1,0 +1,1 @@
+"""Ray start/connect and resource sizing."""

@@ -1,0 +1,1 @@
+"""Tiers: route kept samples to training-stage tiers and write WebDataset shards."""
