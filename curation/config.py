@@ -154,6 +154,9 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
     if not isinstance(max_samples, int) or max_samples < 1:
         raise ConfigError(f"{path}: shard.max_samples must be a positive integer")
 
+    from .tiers.routing import check_rules  # late import: routing uses TierRule from here
+
+    check_rules(tuple(tiers))
     return PipelineConfig(name, path, seed, tuple(map_ops), tuple(global_ops), tuple(tiers), ShardPolicy(max_samples))
 
 

@@ -252,7 +252,9 @@ def build_ledger(table: pd.DataFrame, raw_dir: Path) -> pd.DataFrame:
         if crawl_kept != seen:
             raise AccountingError(f"raw shards hold {len(seen)} samples but the crawl ledger kept {len(crawl_kept)} "
                                   f"({len(seen - crawl_kept)} unknown, {len(crawl_kept - seen)} missing)")
-        frames.insert(0, crawl[crawl["status"] != "kept"])
+        not_kept = crawl[crawl["status"] != "kept"]
+        if not not_kept.empty:
+            frames.insert(0, not_kept)
     ledger = pd.concat(frames, ignore_index=True)
     for col in schemas.columns("ledger"):
         if col not in ledger.columns:
@@ -280,7 +282,6 @@ def run_pipeline(cfg: PipelineConfig, raw_dir: str | Path, out: str | Path, ray_
     raw_dir, out = Path(raw_dir), Path(out)
     shards = list_raw_shards(raw_dir)
     counts = {p.name: len(scan_keys(p)) for p in shards}  # also proves every shard is readable
-    routing.check_rules(cfg.tiers)
     work = out / WORK
     _check_run_identity(work, cfg, shards, raw_dir)
     if (out / "_SUCCESS").exists():

@@ -1,0 +1,163 @@
+"""The `curate` command. Every user-fixable problem ends as one `curate: error: ...`
+line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import CurationError
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    print()
+    print(f"pipeline {summary['pipeline']} (config {summary['config_hash']}): {summary['raw_samples']} raw samples "
+          f"in {summary['seconds']} s")
+    print(f"{'stage':<8} {'status':<8} {'reason':<22} {'count':>7}")
+    for r in summary["by_stage_status_reason"]:
+        print(f"{r['stage']:<8} {r['status']:<8} {r['reason'] or '-':<22} {r['count']:>7}")
+    print(f"ledger: {summary['ledger_rows']} inputs = "
+          + " + ".join(f"{n} {s}" for s, n in _status_totals(summary).items()))
+    print(f"{'tier':<20} {'samples':>8} {'shards':>7} {'MB':>8}")
+    for tier, t in summary["tiers"].items():
+        print(f"{tier:<20} {t['samples']:>8} {t['shards']:>7} {t['bytes'] / 1e6:>8.1f}")
+    print(f"\noutput:  {out}")
+    print(f"  tiers:   {out / 'tiers'}/<tier>/*.tar (+ .parquet sidecars, manifest.json)")
+    print(f"  ledger:  {out / 'ledger.parquet'}")
+    print(f"  query:   curate query \"SELECT tier, count(*) FROM samples GROUP BY tier\" --root {out}")
+
+
+def _status_totals(summary: dict) -> dict:
+    totals: dict[str, int] = {}
+    for r in summary["by_stage_status_reason"]:
+        totals[r["status"]] = totals.get(r["status"], 0) + r["count"]
+    return totals
+
+
+def cmd_demo(args) -> None:
+    from .demo.run import run_demo
+
+    out = Path(args.out)
+    summary = run_demo(out, small=args.small, ray_address=args.ray_address, samples_per_shard=args.samples_per_shard)
+    _print_summary(summary, out / "curated")
+    print(f"\ndemo finished in {summary['demo_seconds']} s")
+
+
+def cmd_crawl(args) -> None:
+    if args.kind != "image_text":
+        raise CurationError(f"--kind {args.kind} is not supported yet (only image_text)")
+    from .crawl.image_text import crawl_image_text
+
+    ledger = crawl_image_text(args.input, args.out, url_col=args.url_col, caption_col=args.caption_col,
+                              source=args.source, allow_private=args.allow_private, ray_address=args.ray_address,
+                              processes=args.processes, threads=args.threads,
+                              samples_per_shard=args.samples_per_shard, timeout=args.timeout, retries=args.retries)
+    counts = ledger.fillna({"reason": "-"}).groupby(["status", "reason"]).size()
+    print(f"\ncrawled {len(ledger)} urls into {args.out}")
+    for (status, reason), n in counts.items():
+        print(f"  {status:<8} {reason:<20} {n:>7}")
+    print(f"crawl ledger: {Path(args.out) / 'crawl_ledger.parquet'}")
+
+
+def cmd_run(args) -> None:
+    from . import config
+    from .runner import run_pipeline
+
+    cfg = config.load(args.pipeline)
+    summary = run_pipeline(cfg, args.input, args.out, ray_address=args.ray_address)
+    _print_summary(summary, Path(args.out))
+
+
+def cmd_query(args) -> None:
+    from .catalog import query
+
+    rel = query(args.sql, args.root)
+    if args.format == "table":
+        rel.show(max_rows=args.max_rows, max_width=10_000)
+        return
+    if args.format == "parquet":
+        if not args.output:
+            raise CurationError("--format parquet needs --output FILE")
+        rel.to_parquet(args.output)
+        return
+    frame = rel.df()
+    target = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        if args.format == "csv":
+            frame.to_csv(target, index=False)
+        else:
+            frame.to_json(target, orient="records", lines=True, force_ascii=False)
+            if not args.output:
+                target.write("\n")
+    finally:
+        if args.output:
+            target.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="curate", description="Build VLM training data: crawl url lists, curate on Ray, "
+                                "write WebDataset tiers, query everything with DuckDB.")
+    p.add_argument("--version", action="version", version=f"curate {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="build, serve, crawl and curate the bundled demo corpus")
+    d.add_argument("--out", default="shards/demo", help="output folder (default: shards/demo)")
+    d.add_argument("--small", action="store_true", help="a few hundred samples instead of ~3,000")
+    d.add_argument("--ray-address", help="use a running Ray cluster instead of starting Ray locally")
+    d.add_argument("--samples-per-shard", type=int, default=500, help="raw shard size for the crawl (default 500)")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("crawl", help="url list (parquet, csv, jsonl or txt) -> raw shards + crawl ledger")
+    c.add_argument("--input", required=True, help="the url list")
+    c.add_argument("--out", required=True, help="folder for raw shards")
+    c.add_argument("--kind", default="image_text", choices=["image_text", "interleaved", "video"])
+    c.add_argument("--url-col", help="url column (default: guessed, e.g. url or URL)")
+    c.add_argument("--caption-col", help="caption column (default: guessed, e.g. caption or TEXT)")
+    c.add_argument("--source", help="source name used in uids (default: the file's stem)")
+    c.add_argument("--allow-private", action="store_true",
+                   help="allow private, loopback and link-local addresses (refused by default)")
+    c.add_argument("--ray-address", help="crawl with img2dataset's ray distributor on this cluster")
+    c.add_argument("--processes", type=int, help="download processes (default: one per CPU)")
+    c.add_argument("--threads", type=int, default=32, help="download threads per process (default 32)")
+    c.add_argument("--samples-per-shard", type=int, default=500)
+    c.add_argument("--timeout", type=int, default=10, help="seconds per request (default 10)")
+    c.add_argument("--retries", type=int, default=1)
+    c.set_defaults(func=cmd_crawl)
+
+    r = sub.add_parser("run", help="run (or resume) a curation pipeline over raw shards")
+    r.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/demo.yaml")
+    r.add_argument("--input", required=True, help="folder of raw shards (from curate crawl)")
+    r.add_argument("--out", required=True, help="output folder; running again on it resumes")
+    r.add_argument("--ray-address", help="Ray cluster address (default: start Ray locally)")
+    r.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("query", help="SQL over samples, ledger and shards (DuckDB)")
+    q.add_argument("sql")
+    q.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
+    q.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"])
+    q.add_argument("--output", help="write to this file instead of stdout (required for parquet)")
+    q.add_argument("--max-rows", type=int, default=100, help="rows shown in table format")
+    q.set_defaults(func=cmd_query)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CurationError as exc:
+        print(f"curate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("curate: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

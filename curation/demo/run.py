@@ -1,0 +1,42 @@
+"""`curate demo`: build the corpus, serve it on 127.0.0.1, crawl it, curate it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .. import config
+from ..crawl.image_text import crawl_image_text
+from ..paths import bundled_pipeline
+from ..runner import run_pipeline
+from . import corpus
+from .server import serve_directory
+
+
+def run_demo(out: str | Path, small: bool = False, ray_address: str | None = None,
+             samples_per_shard: int = 500, log=print) -> dict:
+    out = Path(out)
+    t0 = time.time()
+    plan = corpus.CorpusPlan.small() if small else corpus.CorpusPlan()
+    log(f"[1/3] building the demo corpus in {out / 'corpus'}")
+    info = corpus.build(out / "corpus", plan=plan)
+    raw = out / "raw"
+    if (raw / "_SUCCESS").exists():
+        log(f"[2/3] crawl already complete in {raw}")
+    else:
+        with serve_directory(out / "corpus") as base:
+            log(f"[2/3] crawling {info['image_text_rows']} urls from the demo server at {base}")
+            urls = pd.read_parquet(out / "corpus" / "image_text.parquet")
+            urls.insert(0, "url", base + "/" + urls.pop("path"))
+            url_list = out / "urls.parquet"
+            urls.to_parquet(url_list, index=False)
+            # The demo server is our own on loopback, hence allow_private.
+            crawl_image_text(url_list, raw, allow_private=True, ray_address=ray_address,
+                             samples_per_shard=samples_per_shard)
+    log(f"[3/3] curating with {bundled_pipeline('demo')}")
+    cfg = config.load(bundled_pipeline("demo"))
+    summary = run_pipeline(cfg, raw, out / "curated", ray_address=ray_address)
+    summary["demo_seconds"] = round(time.time() - t0, 2)
+    return summary
