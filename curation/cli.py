@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except CurationError as exc:
-        print(f"curate: error: {exc}", file=sys.stderr)
+        one_line = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"curate: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("curate: interrupted; run the same command again to resume", file=sys.stderr)
