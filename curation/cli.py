@@ -4,7 +4,6 @@ line and exit status 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path

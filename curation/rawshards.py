@@ -82,7 +82,7 @@ def sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sourc
                 raise ValueError("metadata is not a JSON object")
         except ValueError as exc:
             meta = {}
-            row.update(status="failed", reason="bad_metadata", error=f"{type(exc).__name__}: {exc}")
+            row.update(status="failed", reason="bad_metadata", error=f"{type(exc).__name__}: {exc}")  # no addresses in ValueError text
     uid = meta.get("uid")
     row["uid"] = uid if isinstance(uid, str) and len(uid) == 16 else make_uid(f"{default_source}/{shard_name}", key)
     row["kind"] = meta.get("kind") or "image_text"

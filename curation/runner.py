@@ -30,6 +30,7 @@ from . import schemas
 from .config import OpSpec, PipelineConfig
 from .crawl.image_text import CRAWL_LEDGER
 from .errors import AccountingError, ConfigError, InputError
+from .fsutil import atomic_write_text
 from .ids import seeded_rank
 from .rawshards import iter_samples, list_raw_shards, sample_row, scan_keys
 from .tiers import routing
@@ -238,7 +239,7 @@ def _check_run_identity(work: Path, cfg: PipelineConfig, shards: list[Path], raw
             raise InputError(f"{work.parent} was written from other raw shards than {raw_dir}; use a new --out folder")
         return
     work.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(identity, indent=2) + "\n")
+    atomic_write_text(marker, json.dumps(identity, indent=2) + "\n")
 
 
 def build_ledger(table: pd.DataFrame, raw_dir: Path) -> pd.DataFrame:
@@ -313,6 +314,6 @@ def run_pipeline(cfg: PipelineConfig, raw_dir: str | Path, out: str | Path, ray_
         "tiers": {t: {"samples": m["num_samples"], "shards": len(m["shards"]), "bytes": m["num_bytes"]} for t, m in manifests.items()},
         "seconds": round(time.time() - t0, 2),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "_SUCCESS").write_text("")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "_SUCCESS", "")
     return summary

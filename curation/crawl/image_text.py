@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from .. import schemas
 from ..errors import AccountingError
+from ..fsutil import atomic_write_text
 from .guard import Verdict, check_url
 from .sources import read_url_list
 
@@ -95,7 +96,7 @@ def crawl_image_text(input_path: str | Path, out_dir: str | Path, *, url_col: st
     pq.write_table(table, tmp)
     os.replace(tmp, out_dir / CRAWL_LEDGER)
     counts = ledger["status"].value_counts().to_dict()
-    (out_dir / "_SUCCESS").write_text(json.dumps({"inputs": len(urls), **counts}, indent=2) + "\n")
+    atomic_write_text(out_dir / "_SUCCESS", json.dumps({"inputs": len(urls), **counts}, indent=2) + "\n")
     return ledger
 
 

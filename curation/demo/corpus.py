@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from ..fsutil import atomic_write_text
 from . import scenes
 
 CORPUS_VERSION = "2"
@@ -202,5 +203,5 @@ def build(root: str | Path, seed: int = 0, plan: CorpusPlan | None = None) -> di
     counts = table["planted"].value_counts().sort_index().to_dict()
     summary = {"params": params, "image_text_rows": len(table), "planted": counts,
                "documents": len(docs), "videos": len(videos)}
-    stamp.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(stamp, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -17,6 +17,7 @@ Adding an operator is a new module in curation/ops/ with a class decorated by
 from __future__ import annotations
 
 import dataclasses
+import re
 import traceback
 from typing import Any, ClassVar
 
@@ -25,6 +26,14 @@ import pandas as pd
 from ..errors import ConfigError
 
 LIVE = "kept"
+_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` for the ledger, with memory addresses removed so the same bad
+    input always gives the same ledger entry (runs stay reproducible)."""
+    message = _ADDRESS.sub(r"<\1>", str(exc))
+    return f"{type(exc).__name__}: {message}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +134,7 @@ class MapOp(Operator):
         except Exception as exc:
             row = row.copy()
             last = traceback.extract_tb(exc.__traceback__)[-1]
-            self.fail(row, row.index, f"{self.name}_error", f"{type(exc).__name__}: {exc} (at {last.name}:{last.lineno})")
+            self.fail(row, row.index, f"{self.name}_error", f"{describe_error(exc)} (at {last.name}:{last.lineno})")
             return row
 
 

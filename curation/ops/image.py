@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image
 
 from ..errors import ConfigError
-from .base import MapOp, register
+from .base import MapOp, describe_error, register
 
 # Our own pixel cap replaces PIL's global one, so a bomb is a clean per-sample drop.
 Image.MAX_IMAGE_PIXELS = None
@@ -62,7 +62,7 @@ class DecodeImage(MapOp):
                             opened.load()  # raises on truncated or corrupt data
                             image = opened.convert("RGB")
                 except Exception as exc:  # PIL raises many types for bad data
-                    self.fail(live, [idx], "decode_error", f"{type(exc).__name__}: {exc}")
+                    self.fail(live, [idx], "decode_error", describe_error(exc))
             images.append(image)
             widths.append(w)
             heights.append(h)

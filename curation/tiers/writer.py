@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import __version__, schemas
+from ..fsutil import atomic_write_bytes, atomic_write_text
 from ..rawshards import IMAGE_EXTS, iter_samples
 
 
@@ -73,9 +74,7 @@ def write_shard(tar_path: str, rows: list[dict], raw_dir: str) -> dict:
                 tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
     data = buf.getvalue()
 
-    tmp_tar = tar_path.with_suffix(".tar.tmp")
-    tmp_tar.write_bytes(data)
-    os.replace(tmp_tar, tar_path)
+    atomic_write_bytes(tar_path, data)
     sidecar = tar_path.with_suffix(".parquet")
     tmp_side = sidecar.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp_side)
@@ -107,7 +106,5 @@ def write_manifest(tier_dir: Path, tier: str, pipeline: str, config_hash: str, s
         "shards": sorted(entries, key=lambda e: e["name"]),
     }
     schemas.validate_document("manifest", manifest)
-    tmp = tier_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, tier_dir / "manifest.json")
+    atomic_write_text(tier_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
