@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 from ..errors import CurationError
+
+
+def _check_reachable(address: str) -> None:
+    """ray.init retries an unreachable GCS for minutes; a plain host:port gets a quick
+    TCP probe first so the user hears about a typo in seconds."""
+    if "://" in address or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as exc:
+        raise CurationError(f"cannot start or reach the Ray cluster at {address}: {exc}") from None
 
 
 def start_ray(address: str | None = None) -> None:
@@ -14,6 +28,8 @@ def start_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if address:
+        _check_reachable(address)
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         if address:
