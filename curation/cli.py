@@ -43,6 +43,7 @@ def cmd_demo(args) -> None:
     out = Path(args.out)
     summary = run_demo(out, small=args.small, ray_address=args.ray_address, samples_per_shard=args.samples_per_shard)
     _print_summary(summary, out / "curated")
+    print(f"  report:  {summary['report']}")
     print(f"\ndemo finished in {summary['demo_seconds']} s")
 
 
@@ -69,6 +70,12 @@ def cmd_run(args) -> None:
     cfg = config.load(args.pipeline)
     summary = run_pipeline(cfg, args.input, args.out, ray_address=args.ray_address)
     _print_summary(summary, Path(args.out))
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    print(write_report(args.root))
 
 
 def cmd_query(args) -> None:
@@ -133,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder; running again on it resumes")
     r.add_argument("--ray-address", help="Ray cluster address (default: start Ray locally)")
     r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="write report.html (plots of outcomes, tiers, distributions) for a run")
+    rp.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
+    rp.set_defaults(func=cmd_report)
 
     q = sub.add_parser("query", help="SQL over samples, ledger and shards (DuckDB)")
     q.add_argument("sql")

@@ -153,6 +153,13 @@ def test_query_cli_formats(run_root, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
 
 
+def test_demo_writes_a_report_with_plots(run_root):
+    page = (run_root / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    total = len(pd.read_parquet(run_root / "ledger.parquet"))
+    assert f"{total} inputs" in page
+
+
 def test_rerun_is_a_no_op(demo_out, run_root):
     before = {p: p.stat().st_mtime_ns for p in tier_tars(run_root)}
     proc = curate("run", "pipelines/demo.yaml", "--input", demo_out / "raw", "--out", run_root)

@@ -10,6 +10,7 @@ import pandas as pd
 from .. import config
 from ..crawl.image_text import crawl_image_text
 from ..paths import bundled_pipeline
+from ..report import write_report
 from ..runner import run_pipeline
 from . import corpus
 from .server import serve_directory
@@ -38,5 +39,6 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
     log(f"[3/3] curating with {bundled_pipeline('demo')}")
     cfg = config.load(bundled_pipeline("demo"))
     summary = run_pipeline(cfg, raw, out / "curated", ray_address=ray_address)
+    summary["report"] = str(write_report(out / "curated"))
     summary["demo_seconds"] = round(time.time() - t0, 2)
     return summary

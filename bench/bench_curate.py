@@ -1,0 +1,80 @@
+"""Curation throughput: the Ray Data job against a plain loop, same operators, same
+inputs, one run. Usage: python bench/bench_curate.py --raw shards/demo/raw"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from curation import config
+from curation.paths import bundled_pipeline
+from curation.rawshards import iter_samples, list_raw_shards, scan_keys
+from curation.runner import fuse, run_pipeline, run_stage_a, StageActor
+
+
+def plain_loop(cfg, shards: list[Path], batch_size: int) -> int:
+    """The baseline: one process, operators built once, batches of the same size."""
+    from curation.rawshards import sample_row
+
+    actors = [StageActor(stage) for stage in fuse(cfg.map_ops)]
+    n = 0
+    for path in shards:
+        rows = [sample_row(path.name, k, f, "bench") for k, f in iter_samples(path)]
+        for start in range(0, len(rows), batch_size):
+            batch = pd.DataFrame(rows[start:start + batch_size])
+            for actor in actors:
+                batch = actor(batch).to_pandas()
+            n += len(batch)
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--raw", default="shards/demo/raw")
+    ap.add_argument("--pipeline", default=str(bundled_pipeline("demo")))
+    args = ap.parse_args()
+    cfg = config.load(args.pipeline)
+    shards = list_raw_shards(args.raw)
+    counts = {p.name: len(scan_keys(p)) for p in shards}
+    total = sum(counts.values())
+    batch = cfg.map_ops[0].resources.batch_size
+
+    t = time.perf_counter()
+    assert plain_loop(cfg, shards, batch) == total
+    plain_s = time.perf_counter() - t
+
+    from curation.runtime.ray_env import start_ray
+
+    t = time.perf_counter()
+    start_ray()
+    ray_start_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        run_stage_a(cfg, shards, counts, Path(tmp) / "_work", source="bench")
+        stage_a_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        run_pipeline(cfg, args.raw, Path(tmp) / "out")
+        full_s = time.perf_counter() - t
+
+    result = {
+        "samples": total,
+        "plain_loop_samples_per_s": round(total / plain_s, 1),
+        "ray_stage_a_samples_per_s": round(total / stage_a_s, 1),
+        "ratio_stage_a_vs_plain": round(plain_s / stage_a_s, 3),
+        "full_run_samples_per_s": round(total / full_s, 1),
+        "ratio_full_run_vs_plain": round(plain_s / full_s, 3),
+        "ray_start_s": round(ray_start_s, 2),
+        "cpus": __import__("os").cpu_count(),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
