@@ -43,10 +43,14 @@ BASE_COLUMNS = ("uid", "kind", "source", "url", "text", "source_meta", "raw_shar
 
 
 # ---------------------------------------------------------------------------- stage A
-def read_raw_shard(item: dict) -> list[dict]:
-    """flat_map function: one raw shard path -> its sample rows (with media bytes)."""
-    path = Path(item["path"])
-    return [sample_row(path.name, key, files, item["source"]) for key, files in iter_samples(path)]
+def read_raw_shards(batch: dict) -> pa.Table:
+    """map_batches function: raw shard paths -> their sample rows (with media bytes),
+    as one Arrow table per shard (much cheaper than building rows one by one)."""
+    rows = [sample_row(Path(path).name, key, files, source)
+            for path, source in zip(batch["path"], batch["source"])
+            for key, files in iter_samples(Path(path))]
+    columns = list(rows[0]) if rows else list(BASE_COLUMNS) + ["image_bytes"]
+    return pa.Table.from_pylist(rows, schema=_stage_schema(columns))
 
 
 def _stage_schema(columns: list[str]) -> pa.Schema:
@@ -108,7 +112,7 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     if not todo:
         return
     ds = ray.data.from_items([{"path": str(p), "source": source} for p in todo], override_num_blocks=len(todo))
-    ds = ds.flat_map(read_raw_shard, num_cpus=0.25)
+    ds = ds.map_batches(read_raw_shards, batch_size=1, num_cpus=0.25)
     for stage in fuse(cfg.map_ops):
         res = stage[0].resources
         ds = ds.map_batches(
@@ -264,6 +268,16 @@ def build_ledger(table: pd.DataFrame, raw_dir: Path) -> pd.DataFrame:
     return ledger[schemas.columns("ledger")].sort_values("uid", kind="stable").reset_index(drop=True)
 
 
+def _check_unique_uids(table: pd.DataFrame) -> None:
+    """Two raw samples with one uid are one input stored twice (overlapping shards)."""
+    dup = table["uid"].duplicated(keep=False)
+    if dup.any():
+        first = table.loc[dup, "uid"].iloc[0]
+        where = sorted(set(table.loc[table["uid"] == first, "raw_shard"]))
+        raise AccountingError(f"{int(dup.sum())} raw samples share a uid with another (e.g. {first} in {where}): "
+                              "the raw shards overlap; give each input once")
+
+
 def check_accounting(ledger: pd.DataFrame, n_raw: int) -> dict:
     if ledger["uid"].duplicated().any():
         dup = ledger.loc[ledger["uid"].duplicated(), "uid"].iloc[0]
@@ -291,6 +305,7 @@ def run_pipeline(cfg: PipelineConfig, raw_dir: str | Path, out: str | Path, ray_
     start_ray(ray_address)
     run_stage_a(cfg, shards, counts, work, source=raw_dir.name)
     table = pd.concat([pd.read_parquet(work / "annotated" / f"{p.stem}.parquet") for p in shards], ignore_index=True)
+    _check_unique_uids(table)
     table, plans = run_stage_b(cfg, table)
     manifests = run_stage_c(cfg, plans, out, raw_dir)
 

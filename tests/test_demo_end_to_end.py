@@ -178,3 +178,14 @@ def test_unreadable_shard_and_missing_input_are_one_line(demo_out, tmp_path):
     bad = curate("run", "pipelines/demo.yaml", "--input", raw, "--out", tmp_path / "o", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "99999.tar" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_overlapping_raw_shards_are_refused(demo_out, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    first = sorted((demo_out / "raw").glob("*.tar"))[0]
+    for name in ("a.tar", "b.tar"):
+        (raw / name).write_bytes(first.read_bytes())
+    proc = curate("run", "pipelines/demo.yaml", "--input", raw, "--out", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "raw shards overlap" in proc.stderr and "['a.tar', 'b.tar']" in proc.stderr
+    assert not (tmp_path / "o" / "tiers").exists()  # refused before anything was written
