@@ -44,6 +44,13 @@ def test_loopback_literal_refused_without_flag():
     assert check_url("http://127.0.0.1:9/x.jpg", True).allowed
 
 
+def test_allowed_networks_open_exactly_those_addresses():
+    assert judge_addresses(["127.0.0.1"], False, ["127.0.0.1/32"]).allowed
+    assert judge_addresses(["127.0.0.2"], False, ["127.0.0.1/32"]).reason == "private_address"
+    assert judge_addresses(["10.1.2.3"], False, ["127.0.0.0/8"]).reason == "private_address"
+    assert judge_addresses(["8.8.8.8"], False, ["127.0.0.1/32"]).addresses == ("8.8.8.8",)
+
+
 def test_unresolvable_host_is_a_failure_not_a_crash():
     def boom(host, port):
         raise OSError("no such host")

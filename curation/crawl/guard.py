@@ -26,22 +26,32 @@ class Verdict:
     allowed: bool
     reason: str | None = None  # drop reason when not allowed
     error: str | None = None  # set when the check itself failed (e.g. DNS)
+    addresses: tuple[str, ...] = ()  # the vetted addresses: connect to these, not to a new lookup
+
+
+def in_networks(addr: str, networks: Iterable[str]) -> bool:
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 def resolve(host: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
 
 
-def judge_addresses(addresses: Iterable[str], allow_private: bool) -> Verdict:
+def judge_addresses(addresses: Iterable[str], allow_private: bool, allowed_networks: Iterable[str] = ()) -> Verdict:
+    """Every address must be public, or inside an explicitly allowed network, unless
+    allow_private lifts the rule altogether."""
     addresses = list(addresses)
+    allowed_networks = tuple(allowed_networks)
     if not addresses:
         return Verdict(False, "dns_error", "host resolved to no address")
-    if not allow_private and not all(address_is_public(a) for a in addresses):
+    if not allow_private and not all(address_is_public(a) or in_networks(a, allowed_networks) for a in addresses):
         return Verdict(False, "private_address")
-    return Verdict(True)
+    return Verdict(True, addresses=tuple(addresses))
 
 
-def check_url(url: str | None, allow_private: bool, resolver: Callable[[str, int], list[str]] = resolve) -> Verdict:
+def check_url(url: str | None, allow_private: bool, resolver: Callable[[str, int], list[str]] = resolve,
+              allowed_networks: Iterable[str] = ()) -> Verdict:
     """Decide whether `url` may be fetched. Every address the host resolves to must be
     public (unless allow_private), so a name with one private record is refused."""
     if not url:
@@ -57,4 +67,4 @@ def check_url(url: str | None, allow_private: bool, resolver: Callable[[str, int
         addresses = resolver(parts.hostname, port)
     except (socket.gaierror, UnicodeError, OSError) as exc:
         return Verdict(False, "dns_error", f"{type(exc).__name__}: {exc}")
-    return judge_addresses(addresses, allow_private)
+    return judge_addresses(addresses, allow_private, allowed_networks)

@@ -1,0 +1,244 @@
+"""The fetch policy: one module that every crawl kind fetches through.
+
+* The address guard runs on the resolved addresses before connecting, and the
+  connection goes to a vetted address (no second DNS lookup an attacker could answer
+  differently). Redirects are followed by hand and every hop is vetted again.
+* Transient failures (5xx, 408, 429, timeouts, resets, short reads) are retried with
+  exponential backoff and jitter; permanent ones (other 4xx, not an image, too large,
+  opt-out) are not.
+* Bodies are read in chunks up to a per-kind size cap, inside a whole-request deadline
+  that defeats servers trickling bytes slowly.
+* Images: the pixel count is read from the header before any decompression (bombs are
+  dropped), then the image is decoded within that bound to catch corrupt files.
+* `X-Robots-Tag` opt-outs (noai, noimageai, noindex, noimageindex; global or addressed
+  to our user agent) are honoured and recorded as reason `opt_out`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import random
+import socket
+import ssl
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import urljoin, urlsplit
+
+from PIL import Image
+
+from .. import __version__
+from .guard import check_url, resolve
+
+USER_AGENT_TOKEN = "curation-vlm"
+USER_AGENT = f"Mozilla/5.0 (compatible; {USER_AGENT_TOKEN}/{__version__}; VLM training-data crawler; honours X-Robots-Tag noai)"
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+REDIRECTS = (301, 302, 303, 307, 308)
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    timeout: float = 10.0  # seconds per socket operation
+    deadline: float = 60.0  # seconds for the whole request, body included
+    retries: int = 2  # extra attempts for transient failures
+    backoff: float = 0.5  # first wait; doubles per retry, with jitter
+    backoff_max: float = 8.0
+    max_redirects: int = 5
+    max_bytes: dict = field(default_factory=lambda: {"image": 16 * MiB, "video": 256 * MiB, "any": 64 * MiB})
+    max_pixels: int = 64_000_000
+    verify_images: bool = True
+    allow_private: bool = False
+    allowed_networks: tuple[str, ...] = ()
+    opt_out: tuple[str, ...] = OPT_OUT_DIRECTIVES
+    user_agent: str = USER_AGENT
+
+    def cap(self, kind: str) -> int:
+        return self.max_bytes.get(kind, self.max_bytes["any"])
+
+
+@dataclass
+class Outcome:
+    """How one url ended: kept (with data), dropped (reason) or failed (reason + error).
+    `transient` marks failures worth retrying in a later crawl run."""
+
+    url: str
+    status: str
+    reason: str | None = None
+    error: str | None = None
+    data: bytes | None = None
+    content_type: str | None = None
+    final_url: str | None = None
+    attempts: int = 0
+    transient: bool = False
+
+
+class _Transient(Exception):
+    def __init__(self, reason: str, error: str):
+        super().__init__(error)
+        self.reason, self.error = reason, error
+
+
+class _Final(Exception):
+    def __init__(self, status: str, reason: str, error: str | None = None):
+        super().__init__(error or reason)
+        self.status, self.reason, self.error = status, reason, error
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to a vetted address while sending the url's host name."""
+
+    def __init__(self, host, port, address, timeout):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self):
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host, port, address, timeout):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self):
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def opted_out(header_values: list[str], directives=OPT_OUT_DIRECTIVES, token: str = USER_AGENT_TOKEN) -> str | None:
+    """The opt-out directive that applies, if any. A value may be global ("noai, noindex")
+    or addressed to one crawler ("otherbot: noai"); only ours and global ones count."""
+    for value in header_values:
+        scope, sep, rest = value.partition(":")
+        if sep and scope.strip().lower() not in directives and " " not in scope.strip():
+            if scope.strip().lower() not in (token.lower(), "*"):
+                continue
+            value = rest
+        for directive in value.split(","):
+            d = directive.strip().lower()
+            if d in directives:
+                return d
+    return None
+
+
+def check_image(data: bytes, max_pixels: int, verify: bool) -> None:
+    """Raise _Final for bytes that are not a usable image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+    except Image.DecompressionBombError as exc:  # PIL's own header check, past 2x its limit
+        raise _Final("dropped", "too_many_pixels", str(exc)) from None
+    except Exception as exc:
+        raise _Final("dropped", "not_image", f"{type(exc).__name__}: not a decodable image") from None
+    if w * h > max_pixels:
+        raise _Final("dropped", "too_many_pixels", f"{w}x{h} exceeds {max_pixels} pixels")
+    if verify:
+        try:
+            img.load()
+        except Exception as exc:
+            raise _Final("failed", "corrupt_image", f"{type(exc).__name__}: {exc}") from None
+
+
+def check_video(data: bytes) -> None:
+    """Container magic of mp4/mov (ftyp box) or webm/mkv (EBML); the probe comes later."""
+    if not (data[4:8] == b"ftyp" or data[:4] == b"\x1a\x45\xdf\xa3"):
+        raise _Final("dropped", "not_video", "body is not an mp4/webm container")
+
+
+def _read_body(resp: http.client.HTTPResponse, cap: int, deadline: float) -> bytes:
+    length = resp.getheader("Content-Length")
+    if length and length.isdigit() and int(length) > cap:
+        raise _Final("dropped", "too_large", f"Content-Length {length} exceeds {cap} bytes")
+    chunks, size = [], 0
+    while True:
+        # read1 returns what has arrived, so a server trickling bytes cannot hold a
+        # single read open past the deadline.
+        chunk = resp.read1(min(65536, cap + 1 - size))
+        if time.monotonic() > deadline:
+            raise _Transient("timeout", "whole-request deadline exceeded while reading the body")
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            raise _Final("dropped", "too_large", f"body exceeds {cap} bytes")
+    if length and length.isdigit() and size < int(length):
+        # read(amt) returns short data at EOF instead of raising: check it ourselves.
+        raise _Transient("connection_error", f"connection closed after {size} of {length} bytes")
+    return b"".join(chunks)
+
+
+def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver) -> Outcome:
+    deadline = time.monotonic() + policy.deadline
+    current = url
+    for _hop in range(policy.max_redirects + 1):
+        verdict = check_url(current, policy.allow_private, resolver, policy.allowed_networks)
+        if not verdict.allowed:
+            if verdict.reason == "dns_error":
+                raise _Transient("dns_error", verdict.error or "name resolution failed")
+            raise _Final("dropped" if verdict.reason == "private_address" else "failed", verdict.reason,
+                         verdict.error or f"refused address for {urlsplit(current).hostname}")
+        parts = urlsplit(current)
+        conn_cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+        conn = conn_cls(parts.hostname, parts.port, verdict.addresses[0], policy.timeout)
+        try:
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            conn.request("GET", path, headers={"User-Agent": policy.user_agent, "Accept": "*/*"})
+            resp = conn.getresponse()
+            if resp.status in REDIRECTS:
+                location = resp.getheader("Location")
+                if not location:
+                    raise _Final("failed", "http_error", f"HTTP {resp.status} without Location")
+                current = urljoin(current, location)
+                continue
+            if resp.status >= 500 or resp.status in (408, 429):
+                raise _Transient("http_error", f"HTTP {resp.status} {resp.reason}")
+            if resp.status != 200:
+                raise _Final("failed", "http_error", f"HTTP {resp.status} {resp.reason}")
+            directive = opted_out(resp.headers.get_all("X-Robots-Tag") or [], policy.opt_out)
+            if directive:
+                raise _Final("dropped", "opt_out", f"X-Robots-Tag: {directive}")
+            data = _read_body(resp, policy.cap(kind), deadline)
+            if kind == "image":
+                check_image(data, policy.max_pixels, policy.verify_images)
+            elif kind == "video":
+                check_video(data)
+            return Outcome(url, "kept", data=data, content_type=resp.getheader("Content-Type"), final_url=current)
+        finally:
+            conn.close()
+    raise _Final("failed", "too_many_redirects", f"more than {policy.max_redirects} redirects")
+
+
+def fetch(url: str, kind: str = "image", policy: FetchPolicy | None = None,
+          resolver: Callable[[str, int], list[str]] = resolve, sleep: Callable[[float], None] = time.sleep) -> Outcome:
+    """Fetch `url` under `policy`; never raises for anything the remote side does."""
+    policy = policy or FetchPolicy()
+    last: Outcome | None = None
+    for attempt in range(1, policy.retries + 2):
+        try:
+            outcome = _fetch_once(url, kind, policy, resolver)
+            outcome.attempts = attempt
+            return outcome
+        except _Final as exc:
+            return Outcome(url, exc.status, exc.reason, exc.error, attempts=attempt)
+        except _Transient as exc:
+            last = Outcome(url, "failed", exc.reason, exc.error, attempts=attempt, transient=True)
+        except (TimeoutError, socket.timeout) as exc:
+            last = Outcome(url, "failed", "timeout", f"{type(exc).__name__}: {exc or 'timed out'}", attempts=attempt,
+                           transient=True)
+        except (ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected) as exc:
+            last = Outcome(url, "failed", "connection_error", f"{type(exc).__name__}: {exc}", attempts=attempt,
+                           transient=True)
+        except ssl.SSLError as exc:
+            return Outcome(url, "failed", "tls_error", f"{type(exc).__name__}: {exc}", attempts=attempt)
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            return Outcome(url, "failed", "fetch_error", f"{type(exc).__name__}: {exc}", attempts=attempt)
+        if attempt <= policy.retries:
+            wait = min(policy.backoff_max, policy.backoff * 2 ** (attempt - 1))
+            sleep(wait * random.uniform(0.5, 1.0))
+    return last
