@@ -53,7 +53,8 @@ def cmd_crawl(args) -> None:
     from .crawl.image_text import crawl_image_text
 
     ledger = crawl_image_text(args.input, args.out, url_col=args.url_col, caption_col=args.caption_col,
-                              source=args.source, allow_private=args.allow_private, ray_address=args.ray_address,
+                              source=args.source, allow_private=args.allow_private,
+                              allowed_networks=tuple(args.allow_network), ray_address=args.ray_address,
                               processes=args.processes, threads=args.threads,
                               samples_per_shard=args.samples_per_shard, timeout=args.timeout, retries=args.retries)
     counts = ledger.fillna({"reason": "-"}).groupby(["status", "reason"]).size()
@@ -61,6 +62,7 @@ def cmd_crawl(args) -> None:
     for (status, reason), n in counts.items():
         print(f"  {status:<8} {reason:<20} {n:>7}")
     print(f"crawl ledger: {Path(args.out) / 'crawl_ledger.parquet'}")
+    print("run the same command again to retry transient failures (successes are never refetched)")
 
 
 def cmd_run(args) -> None:
@@ -126,12 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--source", help="source name used in uids (default: the file's stem)")
     c.add_argument("--allow-private", action="store_true",
                    help="allow private, loopback and link-local addresses (refused by default)")
+    c.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                   help="allow this private network only (repeatable), e.g. 127.0.0.1/32")
     c.add_argument("--ray-address", help="crawl with img2dataset's ray distributor on this cluster")
     c.add_argument("--processes", type=int, help="download processes (default: one per CPU)")
     c.add_argument("--threads", type=int, default=32, help="download threads per process (default 32)")
     c.add_argument("--samples-per-shard", type=int, default=500)
-    c.add_argument("--timeout", type=int, default=10, help="seconds per request (default 10)")
-    c.add_argument("--retries", type=int, default=1)
+    c.add_argument("--timeout", type=float, default=10, help="seconds per socket operation (default 10)")
+    c.add_argument("--retries", type=int, default=2, help="retries of transient failures, with backoff (default 2)")
     c.set_defaults(func=cmd_crawl)
 
     r = sub.add_parser("run", help="run (or resume) a curation pipeline over raw shards")
@@ -157,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from . import schemas
 from .config import OpSpec, PipelineConfig
-from .crawl.image_text import CRAWL_LEDGER
+from .crawl import CRAWL_LEDGER
 from .errors import AccountingError, ConfigError, InputError
 from .fsutil import atomic_write_text
 from .ids import seeded_rank

@@ -46,8 +46,8 @@ def test_every_url_is_in_the_ledger_exactly_once(demo_out, run_root):
 @pytest.mark.parametrize("planted, status, reasons", [
     ("missing", "failed", {"http_error"}),
     ("truncated", "failed", {"decode_error"}),
-    ("random_bytes", "failed", {"decode_error"}),
-    ("html", "failed", {"decode_error"}),
+    ("random_bytes", "dropped", {"not_image"}),  # caught by the crawl's header check
+    ("html", "dropped", {"not_image"}),
     ("huge", "dropped", {"too_many_pixels"}),
     ("tiny", "dropped", {"too_small"}),
     ("elongated", "dropped", {"bad_aspect_ratio"}),

@@ -1,176 +1,208 @@
-"""image_text crawl through img2dataset.
+"""image_text crawl: img2dataset with our fetch policy, in resumable rounds.
 
-1. Read the url list, give every row its uid.
-2. Judge each url with the address guard; refused rows go straight to the ledger.
-3. Hand the rest to img2dataset (its `ray` distributor when a Ray address is given,
-   `multiprocessing` otherwise). Original bytes are stored untouched
-   (disable_all_reencoding) so curation sees exactly what the server sent.
-4. Read img2dataset's per-shard parquet and _stats.json into the crawl ledger:
-   every input row ends there once, kept (in a raw shard), dropped or failed.
+Layout of a crawl folder:
+  _input/urls.parquet        the normalised url list (uid per row), fixed at the first run
+  _rounds/rNNN/              one img2dataset run over a subset of uids (urls.parquet, _DONE)
+  rNNN-SSSSS.tar/.parquet    raw shards, moved up from a round once it is complete
+  crawl_ledger.parquet       every input row once: kept (in a raw shard), dropped or failed
+  _SUCCESS
+
+Round 0 fetches every valid url. A later `curate crawl` on the same folder first
+finishes a round that was interrupted (img2dataset redoes only its unfinished shards),
+then starts one new round with exactly the uids whose latest attempt failed
+transiently. A uid that was kept is never fetched again, so the kept set of a killed and
+resumed crawl equals that of an uninterrupted one, without duplicates.
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
 from .. import schemas
-from ..errors import AccountingError
+from ..errors import AccountingError, InputError
 from ..fsutil import atomic_write_text
-from .guard import Verdict, check_url
+from . import CRAWL_LEDGER
+from .fetch import OPT_OUT_DIRECTIVES, USER_AGENT_TOKEN, FetchPolicy
+from .guard import ALLOWED_SCHEMES
+from .img2dataset_bridge import decode_error, policy_downloads
 from .sources import read_url_list
 
-log = logging.getLogger(__name__)
-
-USER_AGENT_TOKEN = "curation-vlm"
-OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
-CRAWL_LEDGER = "crawl_ledger.parquet"
+ROUNDS = "_rounds"
 
 
-def _classify_img2dataset(status: str, error: str | None) -> tuple[str, str | None]:
-    """img2dataset's (status, error_message) -> our (status, reason)."""
+def _valid_url(url) -> bool:
+    return isinstance(url, str) and url.split("://", 1)[0].lower() in ALLOWED_SCHEMES and "://" in url
+
+
+def _fixed_input(urls: pd.DataFrame, out_dir: Path) -> None:
+    """The url list is fixed at the first run: resuming with another list would mix crawls."""
+    path = out_dir / "_input" / "urls.parquet"
+    if path.exists():
+        before = pd.read_parquet(path, columns=["uid", "url"])
+        if before["uid"].tolist() != urls["uid"].tolist() or before["url"].tolist() != urls["url"].tolist():
+            raise InputError(f"{out_dir} holds a crawl of a different url list; use a new --out folder")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("urls.parquet.tmp")
+    urls.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _classify(status: str, message: str | None) -> dict:
+    """img2dataset's (status, error_message) -> ledger fields (+ transient flag)."""
     if status == "success":
-        return "kept", None
-    error = error or ""
-    if "X-Robots-Tag" in error:
-        return "dropped", "opt_out"
-    if "HTTP Error" in error:
-        return "failed", "http_error"
-    if "timed out" in error.lower():
-        return "failed", "timeout"
-    if status == "failed_to_resize":
-        return "failed", "decode_error"
-    return "failed", "download_error"
+        return {"status": "kept", "reason": None, "error": None, "transient": False}
+    ours = decode_error(message)
+    if ours:
+        return {"status": ours["status"], "reason": ours["reason"], "error": ours["error"], "transient": ours["transient"]}
+    return {"status": "failed", "reason": "download_error" if status == "failed_to_download" else "decode_error",
+            "error": message or status, "transient": status == "failed_to_download"}
 
 
-def _judge_all(urls: list[str | None], allow_private: bool) -> list[Verdict]:
-    """Guard verdicts, resolving each host once, in parallel (DNS is slow)."""
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(lambda u: check_url(u, allow_private), urls))
+def _round_dirs(out_dir: Path) -> list[Path]:
+    return sorted(p for p in (out_dir / ROUNDS).glob("r[0-9][0-9][0-9]") if p.is_dir())
+
+
+def _round_results(out_dir: Path, round_dir: Path) -> pd.DataFrame:
+    """One row per uid attempted in a finished round, with its outcome and raw shard."""
+    frames = []
+    for pq_path in sorted(glob.glob(str(out_dir / f"{round_dir.name}-*.parquet"))):
+        df = pd.read_parquet(pq_path, columns=["uid", "key", "status", "error_message"])
+        df["raw_shard"] = Path(pq_path).with_suffix(".tar").name
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["uid", "raw_key", "raw_shard", "status", "reason", "error", "transient"])
+    df = pd.concat(frames, ignore_index=True)
+    fields = pd.DataFrame([_classify(s, m) for s, m in zip(df["status"], df["error_message"])])
+    return pd.concat([df[["uid", "raw_shard"]].assign(raw_key=df["key"]), fields], axis=1)
+
+
+def _run_round(round_dir: Path, out_dir: Path, policy: FetchPolicy, *, ray_address, processes, threads,
+               samples_per_shard) -> None:
+    """Run (or finish) img2dataset over the round's list, then move its shards up."""
+    from img2dataset import download
+
+    if not (round_dir / "_DONE").exists():
+        distributor = "multiprocessing"
+        if ray_address:
+            from ..runtime.ray_env import start_ray
+
+            start_ray(ray_address)
+            distributor = "ray"
+        n_rows = pq.ParquetFile(round_dir / "urls.parquet").metadata.num_rows
+        n_shards = max(1, -(-n_rows // samples_per_shard))
+        with policy_downloads(policy):
+            download(
+                url_list=str(round_dir / "urls.parquet"), input_format="parquet", url_col="url", caption_col="caption",
+                save_additional_columns=["uid", "source", "meta"], output_format="webdataset",
+                output_folder=str(round_dir / "img2dataset"),
+                processes_count=processes or max(1, min(os.cpu_count() or 1, n_shards)), thread_count=threads,
+                number_sample_per_shard=samples_per_shard, resize_mode="no", disable_all_reencoding=True,
+                compute_hash="sha256", timeout=int(policy.timeout), retries=0,  # our fetch retries
+                distributor=distributor, incremental_mode="incremental", user_agent_token=USER_AGENT_TOKEN,
+                disallowed_header_directives=list(OPT_OUT_DIRECTIVES), enable_wandb=False,
+            )
+        produced = sorted((round_dir / "img2dataset").glob("*_stats.json"))
+        if len(produced) != n_shards:
+            raise AccountingError(f"round {round_dir.name}: img2dataset finished {len(produced)} of {n_shards} shards; "
+                                  "run the same crawl again to resume")
+        atomic_write_text(round_dir / "_DONE", "")
+    # Move finished shards up (idempotent: a kill half-way leaves some moved, some not).
+    for src in sorted((round_dir / "img2dataset").glob("[0-9]*.*")):
+        dest = out_dir / f"{round_dir.name}-{src.name}"
+        if not dest.exists():
+            os.replace(src, dest)
+    shutil.rmtree(round_dir / "img2dataset" / "_tmp", ignore_errors=True)
 
 
 def crawl_image_text(input_path: str | Path, out_dir: str | Path, *, url_col: str | None = None,
                      caption_col: str | None = None, source: str | None = None,
-                     allow_private: bool = False, ray_address: str | None = None,
-                     processes: int | None = None, threads: int = 32, samples_per_shard: int = 500,
-                     timeout: int = 10, retries: int = 1) -> pd.DataFrame:
-    """Crawl `input_path` into raw shards under `out_dir`; return the crawl ledger."""
+                     allow_private: bool = False, allowed_networks: tuple[str, ...] = (),
+                     ray_address: str | None = None, processes: int | None = None, threads: int = 32,
+                     samples_per_shard: int = 500, timeout: float = 10, retries: int = 2,
+                     policy: FetchPolicy | None = None) -> pd.DataFrame:
+    """Crawl (or resume crawling) `input_path` into raw shards under `out_dir`; return the ledger."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     urls = read_url_list(input_path, url_col=url_col, caption_col=caption_col, source=source)
+    _fixed_input(urls, out_dir)
+    # Crawl-time image checks stop at the header (pixel cap); curation decodes fully later.
+    policy = policy or FetchPolicy(timeout=timeout, retries=retries, allow_private=allow_private,
+                                   allowed_networks=tuple(allowed_networks), verify_images=False)
+    valid = urls["url"].map(_valid_url)
+    run = dict(ray_address=ray_address, processes=processes, threads=threads, samples_per_shard=samples_per_shard)
 
-    verdicts = _judge_all(urls["url"].tolist(), allow_private)
-    allowed = [v.allowed for v in verdicts]
-    refused = urls[[not a for a in allowed]]
-    refused_rows = [
-        {"uid": r.uid, "source": r.source, "url": r.url, "stage": "crawl",
-         "status": "failed" if v.reason == "dns_error" else "dropped",
-         "reason": v.reason, "error": v.error or (v.reason if v.reason == "dns_error" else None)}
-        for r, v in zip(refused.itertuples(), [v for v in verdicts if not v.allowed])
-    ]
+    rounds = _round_dirs(out_dir)
+    if rounds:
+        last = rounds[-1]
+        unfinished = not (last / "_DONE").exists() or any((last / "img2dataset").glob("[0-9]*.*"))
+        if unfinished:
+            _run_round(last, out_dir, policy, **run)  # finish what a kill interrupted
+    latest = _latest(out_dir, rounds)
+    retry = latest.loc[(latest["status"] == "failed") & latest["transient"].astype(bool), "uid"]
+    todo = urls[valid & (~urls["uid"].isin(latest["uid"]) | urls["uid"].isin(retry))]
+    if not todo.empty:
+        round_dir = out_dir / ROUNDS / f"r{len(rounds):03d}"
+        round_dir.mkdir(parents=True, exist_ok=True)
+        lst = todo.assign(caption=todo["caption"].fillna("") if todo["caption"].notna().any() else "")
+        lst.to_parquet(round_dir / "urls.parquet.tmp", index=False)
+        os.replace(round_dir / "urls.parquet.tmp", round_dir / "urls.parquet")
+        _run_round(round_dir, out_dir, policy, **run)
+        rounds = _round_dirs(out_dir)
+        latest = _latest(out_dir, rounds)
+    return _write_ledger(urls, valid, latest, out_dir)
 
-    to_fetch = urls[allowed]
-    fetched_rows: list[dict] = []
-    if not to_fetch.empty:
-        input_dir = out_dir / "_input"
-        input_dir.mkdir(exist_ok=True)
-        list_path = input_dir / "urls.parquet"
-        to_fetch.assign(caption=to_fetch["caption"].fillna("") if "caption" in to_fetch else "").to_parquet(list_path, index=False)
-        _run_img2dataset(list_path, out_dir, ray_address=ray_address, processes=processes, threads=threads,
-                         samples_per_shard=samples_per_shard, timeout=timeout, retries=retries)
-        fetched_rows = _read_img2dataset_results(out_dir, to_fetch)
 
-    ledger = pd.DataFrame(refused_rows + fetched_rows)
-    if len(ledger) != len(urls) or ledger["uid"].nunique() != len(urls):
-        raise AccountingError(f"crawl ledger has {len(ledger)} rows ({ledger['uid'].nunique()} uids) for {len(urls)} inputs")
-    ledger = ledger.set_index("uid").loc[urls["uid"]].reset_index()  # input order
-    table = schemas.to_table("ledger", ledger)
+def _latest(out_dir: Path, rounds: list[Path]) -> pd.DataFrame:
+    """Each uid's most recent outcome over all finished rounds."""
+    frames = [_round_results(out_dir, r).assign(round=i) for i, r in enumerate(rounds) if (r / "_DONE").exists()]
+    if not frames:
+        return pd.DataFrame(columns=["uid", "status", "reason", "error", "transient", "raw_shard", "raw_key", "round"])
+    all_rounds = pd.concat(frames, ignore_index=True)
+    kept = all_rounds[all_rounds["status"] == "kept"]
+    if kept["uid"].duplicated().any():
+        raise AccountingError(f"uid {kept.loc[kept['uid'].duplicated(), 'uid'].iloc[0]} was kept in two rounds")
+    return all_rounds.sort_values("round").drop_duplicates("uid", keep="last")
+
+
+def _write_ledger(urls: pd.DataFrame, valid: pd.Series, latest: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
+    base = urls[["uid", "source", "url"]].assign(stage="crawl")
+    bad = base[~valid].assign(status="dropped", reason="bad_url", error="not an http(s) url")
+    got = base[valid].merge(latest.drop(columns=["round"]), on="uid", how="left")
+    missing = got["status"].isna()
+    got.loc[missing, ["status", "reason", "error"]] = ["failed", "not_reported", "img2dataset reported no result"]
+    kept = got["status"] == "kept"
+    got.loc[kept, "tier"] = "raw"
+    got.loc[kept, "shard"] = got.loc[kept, "raw_shard"]
+    got.loc[~kept, ["raw_shard", "raw_key"]] = None
+    ledger = pd.concat([bad, got], ignore_index=True).set_index("uid").loc[urls["uid"]].reset_index()
+    if len(ledger) != len(urls) or not ledger["uid"].is_unique:
+        raise AccountingError(f"crawl ledger has {len(ledger)} rows for {len(urls)} inputs")
     tmp = out_dir / (CRAWL_LEDGER + ".tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(schemas.to_table("ledger", ledger), tmp)
     os.replace(tmp, out_dir / CRAWL_LEDGER)
     counts = ledger["status"].value_counts().to_dict()
-    atomic_write_text(out_dir / "_SUCCESS", json.dumps({"inputs": len(urls), **counts}, indent=2) + "\n")
+    transient = int(ledger.get("transient", pd.Series(dtype=bool)).fillna(False).astype(bool).sum())
+    atomic_write_text(out_dir / "_SUCCESS", json.dumps({"inputs": len(urls), **counts, "transient_failures": transient},
+                                                       indent=2) + "\n")
     return ledger
 
 
-def _run_img2dataset(list_path: Path, out_dir: Path, *, ray_address, processes, threads,
-                     samples_per_shard, timeout, retries) -> None:
-    from img2dataset import download
-
-    distributor = "multiprocessing"
-    if ray_address:
-        import ray
-
-        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
-        distributor = "ray"
-    n_rows = pq.ParquetFile(list_path).metadata.num_rows
-    n_shards = max(1, -(-n_rows // samples_per_shard))
-    download(
-        url_list=str(list_path),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        save_additional_columns=["uid", "source", "meta"],
-        output_format="webdataset",
-        output_folder=str(out_dir),
-        processes_count=processes or max(1, min(os.cpu_count() or 1, n_shards)),
-        thread_count=threads,
-        number_sample_per_shard=samples_per_shard,
-        resize_mode="no",
-        disable_all_reencoding=True,
-        compute_hash="sha256",
-        timeout=timeout,
-        retries=retries,
-        distributor=distributor,
-        incremental_mode="incremental",
-        user_agent_token=USER_AGENT_TOKEN,
-        disallowed_header_directives=OPT_OUT_DIRECTIVES,
-        enable_wandb=False,
-    )
-
-
-def _read_img2dataset_results(out_dir: Path, to_fetch: pd.DataFrame) -> list[dict]:
-    """Per-shard parquet -> ledger rows. A row img2dataset never reported (a shard lost
-    to a crash it did not retry) is recorded as failed, never silently dropped."""
-    frames = []
-    for pq_path in sorted(glob.glob(str(out_dir / "[0-9]*.parquet"))):
-        df = pd.read_parquet(pq_path, columns=["uid", "key", "status", "error_message"])
-        df["raw_shard"] = Path(pq_path).with_suffix(".tar").name
-        frames.append(df)
-    results = pd.concat(frames) if frames else pd.DataFrame(columns=["uid", "key", "status", "error_message", "raw_shard"])
-    results = results.drop_duplicates("uid", keep="last").set_index("uid")
-    rows = []
-    for r in to_fetch.itertuples():
-        base = {"uid": r.uid, "source": r.source, "url": r.url, "stage": "crawl"}
-        if r.uid not in results.index:
-            rows.append({**base, "status": "failed", "reason": "not_reported",
-                         "error": "img2dataset reported no result for this url (shard lost)"})
-            continue
-        res = results.loc[r.uid]
-        status, reason = _classify_img2dataset(res["status"], res["error_message"])
-        row = {**base, "status": status, "reason": reason}
-        if status == "kept":
-            row.update(raw_shard=res["raw_shard"], raw_key=res["key"], tier="raw", shard=res["raw_shard"])
-        else:
-            row["error"] = res["error_message"] or res["status"]
-        rows.append(row)
-    return rows
-
-
 def crawl_stats(out_dir: str | Path) -> dict:
-    """img2dataset's _stats.json files summed: counts and the error histogram."""
+    """img2dataset's _stats.json files summed over every round: counts and error histogram."""
     total: dict = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "errors": {}}
-    for path in sorted(glob.glob(str(Path(out_dir) / "*_stats.json"))):
+    for path in sorted(glob.glob(str(Path(out_dir) / "r[0-9][0-9][0-9]-*_stats.json"))):
         stats = json.loads(Path(path).read_text())
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
             total[k] += int(stats.get(k, 0))
         for err, n in (stats.get("status_dict") or {}).items():
-            total["errors"][err] = total["errors"].get(err, 0) + n
+            reason = (decode_error(err) or {}).get("reason", err)
+            total["errors"][reason] = total["errors"].get(reason, 0) + n
     return total

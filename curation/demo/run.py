@@ -33,8 +33,8 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
             urls.insert(0, "url", base + "/" + urls.pop("path"))
             url_list = out / "urls.parquet"
             urls.to_parquet(url_list, index=False)
-            # The demo server is our own on loopback, hence allow_private.
-            crawl_image_text(url_list, raw, allow_private=True, ray_address=ray_address,
+            # The demo server is our own on loopback: allow exactly that address, nothing else private.
+            crawl_image_text(url_list, raw, allowed_networks=("127.0.0.1/32",), ray_address=ray_address,
                              samples_per_shard=samples_per_shard)
     log(f"[3/3] curating with {bundled_pipeline('demo')}")
     cfg = config.load(bundled_pipeline("demo"))
