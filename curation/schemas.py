@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 import math
 
+import fastjsonschema
 import jsonschema
 import numpy as np
 import pandas as pd
@@ -42,6 +43,12 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
     return cls(schema)
 
 
+@functools.lru_cache(maxsize=None)
+def _fast_check(name: str):
+    """Compiled validator (~25x faster than jsonschema): every written row is checked."""
+    return fastjsonschema.compile(load(name))
+
+
 def columns(name: str) -> list[str]:
     return list(load(name)["properties"])
 
@@ -63,14 +70,18 @@ def arrow_schema(name: str) -> pa.Schema:
 
 def validate_rows(name: str, rows: Iterable[dict[str, Any]]) -> None:
     """Raise SchemaViolation naming the first row (by uid) that breaks contract `name`."""
-    validator = _validator(name)
+    fast = _fast_check(name)
     for row in rows:
-        err = jsonschema.exceptions.best_match(validator.iter_errors(row))
+        try:
+            fast(row)
+            continue
+        except fastjsonschema.JsonSchemaException as exc:
+            message, where = exc.message, "(row)"
+        # jsonschema words the error better: use it only for the row that failed.
+        err = jsonschema.exceptions.best_match(_validator(name).iter_errors(row))
         if err is not None:
-            where = "/".join(str(p) for p in err.absolute_path) or "(row)"
-            raise SchemaViolation(
-                f"{name} row uid={row.get('uid', '?')} breaks schemas/{name}.schema.json at {where}: {err.message}"
-            )
+            message, where = err.message, "/".join(str(p) for p in err.absolute_path) or "(row)"
+        raise SchemaViolation(f"{name} row uid={row.get('uid', '?')} breaks schemas/{name}.schema.json at {where}: {message}")
 
 
 def validate_document(name: str, doc: dict) -> None:

@@ -10,7 +10,9 @@ import zlib
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from curation.demo.server import LoopbackServer
 
 from PIL import Image
 
@@ -131,8 +133,7 @@ class Hostile(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def hostile_server():
     Hostile.hits = Counter()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    server.daemon_threads = True
+    server = LoopbackServer(("127.0.0.1", 0), Hostile)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -14,12 +14,18 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class LoopbackServer(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a crawler with dozens of connections
+    # would see dropped SYNs and one-second retransmit stalls.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 @contextlib.contextmanager
 def serve_directory(root: str | Path):
     """Serve `root` on 127.0.0.1 on a free port; yields the base url (no trailing slash)."""
     handler = functools.partial(_QuietHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = LoopbackServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
