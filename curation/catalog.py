@@ -16,6 +16,7 @@ import duckdb
 import pandas as pd
 
 from . import schemas
+from .crawl import CRAWL_LEDGER_GLOB
 from .errors import CurationError, InputError
 
 
@@ -60,9 +61,9 @@ def connect(root: str | Path) -> duckdb.DuckDBPyConnection:
     con.execute("CREATE VIEW shards AS SELECT * FROM _shards")
     run_info = run_root / "_work" / "run.json"
     if run_info.exists():
-        crawl = Path(json.loads(run_info.read_text())["input"]) / "crawl_ledger.parquet"
-        if crawl.exists():
-            con.execute(f"CREATE VIEW crawl_ledger AS SELECT * FROM read_parquet('{_sql_path(crawl)}')")
+        raw_dir = Path(json.loads(run_info.read_text())["input"])
+        if any(raw_dir.glob(CRAWL_LEDGER_GLOB)):
+            con.execute(f"CREATE VIEW crawl_ledger AS SELECT * FROM read_parquet('{_sql_path(raw_dir)}/{CRAWL_LEDGER_GLOB}')")
     return con
 
 

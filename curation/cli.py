@@ -48,20 +48,26 @@ def cmd_demo(args) -> None:
 
 
 def cmd_crawl(args) -> None:
-    if args.kind != "image_text":
-        raise CurationError(f"--kind {args.kind} is not supported yet (only image_text)")
-    from .crawl.image_text import crawl_image_text
+    from .crawl import ledger_name
 
-    ledger = crawl_image_text(args.input, args.out, url_col=args.url_col, caption_col=args.caption_col,
-                              source=args.source, allow_private=args.allow_private,
-                              allowed_networks=tuple(args.allow_network), ray_address=args.ray_address,
-                              processes=args.processes, threads=args.threads,
-                              samples_per_shard=args.samples_per_shard, timeout=args.timeout, retries=args.retries)
+    common = dict(url_col=args.url_col, caption_col=args.caption_col, source=args.source,
+                  allow_private=args.allow_private, allowed_networks=tuple(args.allow_network),
+                  threads=args.threads, timeout=args.timeout, retries=args.retries)
+    if args.kind == "image_text":
+        from .crawl.image_text import crawl_image_text
+
+        ledger = crawl_image_text(args.input, args.out, ray_address=args.ray_address, processes=args.processes,
+                                  samples_per_shard=args.samples_per_shard or 500, **common)
+    else:
+        from .crawl.media import crawl_media
+
+        ledger = crawl_media(args.kind, args.input, args.out, samples_per_shard=args.samples_per_shard or 100,
+                             require_images=args.require_images, **common)
     counts = ledger.fillna({"reason": "-"}).groupby(["status", "reason"]).size()
     print(f"\ncrawled {len(ledger)} urls into {args.out}")
     for (status, reason), n in counts.items():
         print(f"  {status:<8} {reason:<20} {n:>7}")
-    print(f"crawl ledger: {Path(args.out) / 'crawl_ledger.parquet'}")
+    print(f"crawl ledger: {Path(args.out) / ledger_name(args.kind)}")
     print("run the same command again to retry transient failures (successes are never refetched)")
 
 
@@ -81,6 +87,17 @@ def cmd_report(args) -> None:
 
 
 def cmd_query(args) -> None:
+    import duckdb
+
+    try:
+        _run_query(args)
+    except duckdb.Error as exc:  # DuckDB binds in sql() but executes on output
+        raise CurationError(f"query failed: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise CurationError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+
+
+def _run_query(args) -> None:
     from .catalog import query
 
     rel = query(args.sql, args.root)
@@ -120,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("crawl", help="url list (parquet, csv, jsonl or txt) -> raw shards + crawl ledger")
-    c.add_argument("--input", required=True, help="the url list")
+    c.add_argument("--input", required=True,
+                   help="url list (image_text, video: parquet/csv/jsonl/txt) or documents (interleaved: jsonl/parquet)")
     c.add_argument("--out", required=True, help="folder for raw shards")
     c.add_argument("--kind", default="image_text", choices=["image_text", "interleaved", "video"])
     c.add_argument("--url-col", help="url column (default: guessed, e.g. url or URL)")
@@ -132,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow this private network only (repeatable), e.g. 127.0.0.1/32")
     c.add_argument("--ray-address", help="crawl with img2dataset's ray distributor on this cluster")
     c.add_argument("--processes", type=int, help="download processes (default: one per CPU)")
-    c.add_argument("--threads", type=int, default=32, help="download threads per process (default 32)")
-    c.add_argument("--samples-per-shard", type=int, default=500)
+    c.add_argument("--threads", type=int, default=32, help="download threads (per process for image_text; default 32)")
+    c.add_argument("--samples-per-shard", type=int, help="samples per raw shard (default 500, 100 for documents/video)")
+    c.add_argument("--require-images", choices=["all", "any"], default="all",
+                   help="interleaved: keep a document only if all (or any) of its images arrived (default all)")
     c.add_argument("--timeout", type=float, default=10, help="seconds per socket operation (default 10)")
     c.add_argument("--retries", type=int, default=2, help="retries of transient failures, with backoff (default 2)")
     c.set_defaults(func=cmd_crawl)

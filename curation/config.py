@@ -154,9 +154,12 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
     if not isinstance(max_samples, int) or max_samples < 1:
         raise ConfigError(f"{path}: shard.max_samples must be a positive integer")
 
+    from .rawshards import READ_COLUMNS
     from .tiers.routing import check_rules  # late import: routing uses TierRule from here
 
-    check_rules(tuple(tiers))
+    produced = {c for c in READ_COLUMNS if c not in ("image_bytes", "doc_sha256")} | {"dup_of"}
+    produced |= {out for spec in map_ops for out in spec.cls.outputs}
+    check_rules(tuple(tiers), produced)
     return PipelineConfig(name, path, seed, tuple(map_ops), tuple(global_ops), tuple(tiers), ShardPolicy(max_samples))
 
 

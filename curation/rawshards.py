@@ -7,6 +7,7 @@ is read with json.loads only: nothing from a shard is ever unpickled or evaluate
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -14,8 +15,31 @@ from typing import Iterator
 from .errors import InputError
 from .ids import make_uid
 
+# Columns every raw sample starts with, whatever its kind, so Ray blocks from shards of
+# different kinds share one schema. Operators add their outputs to these.
+READ_COLUMNS = ("uid", "kind", "source", "url", "text", "source_meta", "raw_shard", "raw_key", "status", "reason",
+                "error", "media", "image_bytes", "num_images", "missing_images", "doc", "doc_sha256", "duration",
+                "fps", "num_frames", "codec", "width", "height", "sha256", "num_bytes")
+KINDS = ("image_text", "interleaved", "video")
+UID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTS = ("mp4", "webm")
 TEXT_EXTS = ("txt", "caption")
+
+
+def ordered_images(files: dict[str, bytes]) -> list[str]:
+    """Members "0.jpg", "1.png", ... of a multi-image sample, in their order."""
+    numbered = [e for e in files if "." in e and e.split(".", 1)[0].isdigit() and e.split(".", 1)[1] in IMAGE_EXTS]
+    return sorted(numbered, key=lambda e: int(e.split(".", 1)[0]))
+
+
+def media_members(kind: str, files: dict[str, bytes]) -> list[str]:
+    """The sample's media member names in order, by kind."""
+    if kind == "interleaved":
+        return ordered_images(files)
+    if kind == "video":
+        return [e for e in VIDEO_EXTS if e in files][:1]
+    return [e for e in IMAGE_EXTS if e in files][:1]
 
 
 def list_raw_shards(raw_dir: str | Path) -> list[Path]:
@@ -84,13 +108,31 @@ def sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sourc
             meta = {}
             row.update(status="failed", reason="bad_metadata", error=f"{type(exc).__name__}: {exc}")  # no addresses in ValueError text
     uid = meta.get("uid")
-    row["uid"] = uid if isinstance(uid, str) and len(uid) == 16 else make_uid(f"{default_source}/{shard_name}", key)
+    row["uid"] = uid if isinstance(uid, str) and UID_PATTERN.match(uid) else make_uid(f"{default_source}/{shard_name}", key)
     row["kind"] = meta.get("kind") or "image_text"
+    if row["kind"] not in KINDS:
+        row.update(kind="image_text", status="failed", reason="unknown_kind",
+                   error=f"kind {str(meta.get('kind'))[:50]!r} is not one of {list(KINDS)}")
     row["source"] = meta.get("source") or default_source
     row["url"] = meta.get("url")
     text = next((files[e] for e in TEXT_EXTS if e in files), None)
     row["text"] = text.decode("utf-8", errors="replace") if text is not None else meta.get("caption")
     row["source_meta"] = meta.get("meta") if isinstance(meta.get("meta"), str) else None
-    row["image_bytes"] = next((files[e] for e in IMAGE_EXTS if e in files), b"")
+    media = media_members(row["kind"], files)
+    row["media"] = json.dumps(media)
+    # The image the image operators look at: the only one, or a document's first.
+    row["image_bytes"] = files[media[0]] if media and row["kind"] != "video" else b""
+    if row["kind"] == "interleaved":
+        row["num_images"] = len(media)
+        row["missing_images"] = json.dumps(meta.get("missing_images") or [])
+        row["doc"] = json.dumps({"doc_id": meta.get("doc_id"), "items": meta.get("items") or []})
+        row["doc_sha256"] = meta.get("sha256")
+    elif row["kind"] == "video":
+        probe = meta.get("probe") or {}
+        row.update({k: probe.get(k) for k in ("duration", "fps", "num_frames", "codec", "width", "height")})
+        row["sha256"] = meta.get("sha256")
+        row["num_bytes"] = len(files[media[0]]) if media else None
+        if not media and row["status"] == "kept":
+            row.update(status="failed", reason="no_video", error="sample has no mp4/webm member")
     return row
 

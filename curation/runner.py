@@ -28,18 +28,16 @@ import pyarrow.parquet as pq
 
 from . import schemas
 from .config import OpSpec, PipelineConfig
-from .crawl import CRAWL_LEDGER
+from .crawl import CRAWL_LEDGER_GLOB
 from .errors import AccountingError, ConfigError, InputError
 from .fsutil import atomic_write_text
 from .ids import seeded_rank
-from .rawshards import iter_samples, list_raw_shards, sample_row, scan_keys
+from .rawshards import READ_COLUMNS, iter_samples, list_raw_shards, sample_row, scan_keys
 from .tiers import routing
 from .tiers.writer import shard_entry, write_manifest, write_shard
 
 WORK = "_work"
-# Columns that travel through stage A besides operator outputs.
-BASE_COLUMNS = ("uid", "kind", "source", "url", "text", "source_meta", "raw_shard", "raw_key",
-                "status", "reason", "error")
+INT_COLUMNS = ("width", "height", "num_bytes", "num_images", "num_frames")
 
 
 # ---------------------------------------------------------------------------- stage A
@@ -49,8 +47,7 @@ def read_raw_shards(batch: dict) -> pa.Table:
     rows = [sample_row(Path(path).name, key, files, source)
             for path, source in zip(batch["path"], batch["source"])
             for key, files in iter_samples(Path(path))]
-    columns = list(rows[0]) if rows else list(BASE_COLUMNS) + ["image_bytes"]
-    return pa.Table.from_pylist(rows, schema=_stage_schema(columns))
+    return pa.Table.from_pylist(rows, schema=_stage_schema(list(READ_COLUMNS)))
 
 
 def _stage_schema(columns: list[str]) -> pa.Schema:
@@ -77,9 +74,9 @@ class StageActor:
         for op in self.ops:
             batch = op(batch)
         batch = batch.drop(columns=[c for c in batch.columns if c.startswith("_")])
-        for col in ("width", "height", "num_bytes"):
+        for col in INT_COLUMNS:
             if col in batch.columns:
-                batch[col] = pd.array(batch[col].map(lambda v: None if v is None or v != v else int(v)), dtype="Int64")
+                batch[col] = pd.array(batch[col].map(lambda v: None if pd.isna(v) else int(v)), dtype="Int64")
         return pa.Table.from_pandas(batch, schema=_stage_schema(list(batch.columns)), preserve_index=False)
 
 
@@ -109,6 +106,10 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     annotated = work / "annotated"
     annotated.mkdir(parents=True, exist_ok=True)
     todo = [p for p in shards if not (annotated / f"{p.stem}.parquet").exists()]
+    for p in [p for p in todo if counts[p.name] == 0]:  # nothing will come back for an empty shard
+        empty = pd.DataFrame({c: pd.Series(dtype=object) for c in READ_COLUMNS if c != "image_bytes"})
+        _commit_annotated(annotated / f"{p.stem}.parquet", empty)
+    todo = [p for p in todo if counts[p.name] > 0]
     if not todo:
         return
     ds = ray.data.from_items([{"path": str(p), "source": source} for p in todo], override_num_blocks=len(todo))
@@ -249,9 +250,9 @@ def _check_run_identity(work: Path, cfg: PipelineConfig, shards: list[Path], raw
 def build_ledger(table: pd.DataFrame, raw_dir: Path) -> pd.DataFrame:
     curate = table.assign(stage="curate")
     frames = [curate]
-    crawl_path = raw_dir / CRAWL_LEDGER
-    if crawl_path.exists():
-        crawl = pd.read_parquet(crawl_path)
+    crawl_paths = sorted(raw_dir.glob(CRAWL_LEDGER_GLOB))
+    if crawl_paths:  # one ledger per crawled kind
+        crawl = pd.concat([pd.read_parquet(p) for p in crawl_paths], ignore_index=True)
         crawl_kept = set(crawl.loc[crawl["status"] == "kept", "uid"])
         seen = set(curate["uid"])
         if crawl_kept != seen:
@@ -304,7 +305,10 @@ def run_pipeline(cfg: PipelineConfig, raw_dir: str | Path, out: str | Path, ray_
 
     start_ray(ray_address)
     run_stage_a(cfg, shards, counts, work, source=raw_dir.name)
-    table = pd.concat([pd.read_parquet(work / "annotated" / f"{p.stem}.parquet") for p in shards], ignore_index=True)
+    parts = [pd.read_parquet(work / "annotated" / f"{p.stem}.parquet") for p in shards if counts[p.name]]
+    if not parts:
+        raise InputError(f"the raw shards in {raw_dir} hold no samples")
+    table = pd.concat(parts, ignore_index=True)
     _check_unique_uids(table)
     table, plans = run_stage_b(cfg, table)
     manifests = run_stage_c(cfg, plans, out, raw_dir)

@@ -46,10 +46,14 @@ def test_hash_ignores_comments_but_not_params(tmp_path):
     ("ops: [\n  - op: decode", "invalid YAML at line"),
     (GOOD.replace("image_quality", "image_qualty"), "unknown operator 'image_qualty'"),
     (GOOD.replace("min_side: 16", "min_sid: 16"), "unknown option(s) ['min_sid']"),
-    (GOOD.replace("min_side: 16", "min_side: big"), "must be a number"),
+    (GOOD.replace("min_side: 16", "min_side: big"), "must be an integer"),
     (GOOD.replace('where: "true"', 'where: "widht > 3"'), "bad 'where' predicate"),
     (GOOD.replace("  - op: decode_image\n", ""), "first operator must be decode_image"),
     (GOOD + "\nextra: 1\n", "unknown top-level key"),
+    (GOOD.replace("min_side: 16", "min_side: 16.5"), "must be an integer"),
+    (GOOD.replace("min_side: 16", "min_side: 16\n    resources: {batch_size: 0}"), "resources.batch_size must be an integer >= 1"),
+    (GOOD.replace("min_side: 16", "min_side: 16\n    resources: {num_cpus: two}"), "resources.num_cpus must be a number"),
+    (GOOD.replace('where: "true"', 'where: "clip_score > 0.3"'), "clip_score"),  # no operator makes it
     ("- just\n- a list\n", "must be a mapping"),
     (GOOD.replace("  - op: exact_dedup\n", "  - op: exact_dedup\n  - op: caption_length\n"), "map operators must come before global"),
 ])

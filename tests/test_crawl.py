@@ -54,7 +54,7 @@ def test_laion_rows_against_a_hostile_server(tmp_path):
     with hostile_server() as base:
         url_list, df = laion_list(tmp_path, base)
         curate(*crawl_args(url_list, tmp_path / "raw", "--retries", "0"))
-    ledger = pd.read_parquet(tmp_path / "raw" / "crawl_ledger.parquet")
+    ledger = pd.read_parquet(tmp_path / "raw" / "crawl_ledger-image_text.parquet")
     assert len(ledger) == len(df) and ledger["uid"].is_unique
     by_url = ledger.set_index("url")
     for path, (status, reason) in HOSTILE_PATHS.items():
@@ -67,7 +67,7 @@ def test_laion_rows_against_a_hostile_server(tmp_path):
     # captions and extra columns travel into the raw shards
     captions = dict(zip(df["URL"], df["TEXT"]))
     n = 0
-    for tar_path in sorted((tmp_path / "raw").glob("r*.tar")):
+    for tar_path in sorted((tmp_path / "raw").glob("image_text-r*.tar")):
         with tarfile.open(tar_path) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
         for name, data in members.items():
@@ -83,11 +83,11 @@ def test_rerun_retries_only_transient_failures(tmp_path):
     with hostile_server() as base:
         url_list, df = laion_list(tmp_path, base, n=60)
         curate(*crawl_args(url_list, tmp_path / "raw", "--retries", "0"))
-        first = pd.read_parquet(tmp_path / "raw" / "crawl_ledger.parquet")
+        first = pd.read_parquet(tmp_path / "raw" / "crawl_ledger-image_text.parquet")
         hits_before = dict(Hostile.hits)
         curate(*crawl_args(url_list, tmp_path / "raw", "--retries", "0"))
         curate(*crawl_args(url_list, tmp_path / "raw", "--retries", "0"))
-        second = pd.read_parquet(tmp_path / "raw" / "crawl_ledger.parquet")
+        second = pd.read_parquet(tmp_path / "raw" / "crawl_ledger-image_text.parquet")
         hits = dict(Hostile.hits)
     flaky = base + "/flaky-x.jpg"
     assert first.set_index("url").loc[flaky, "status"] == "failed"
@@ -99,6 +99,19 @@ def test_rerun_retries_only_transient_failures(tmp_path):
     assert kept["uid"].is_unique and kept["raw_shard"].notna().all()
 
 
+def test_edited_url_list_is_refused_and_half_made_round_is_ignored(tmp_path):
+    with hostile_server() as base:
+        url_list, df = laion_list(tmp_path, base, n=30, hostile=False)
+        curate(*crawl_args(url_list, tmp_path / "raw"))
+        (tmp_path / "raw" / "_rounds" / "image_text" / "r001").mkdir()  # as if killed while creating it
+        again = curate(*crawl_args(url_list, tmp_path / "raw"))
+        assert "crawled 30 urls" in again.stdout
+        df.loc[0, "URL"] = base + "/img/999.jpg"
+        df.to_parquet(url_list, index=False)
+        edited = curate(*crawl_args(url_list, tmp_path / "raw"), check=False)
+    assert edited.returncode == 2 and "different input" in edited.stderr
+
+
 def test_sigkill_mid_crawl_then_resume(tmp_path):
     with hostile_server() as base:
         url_list, _ = laion_list(tmp_path, base, n=400, hostile=False)
@@ -107,20 +120,20 @@ def test_sigkill_mid_crawl_then_resume(tmp_path):
         out = tmp_path / "killed"
         proc = subprocess.Popen([*CURATE, *map(str, crawl_args(url_list, out))], cwd=REPO, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        work = out / "_rounds" / "r000" / "img2dataset"
+        work = out / "_rounds" / "image_text" / "r000" / "img2dataset"
         deadline = time.time() + 120
         while time.time() < deadline and len(list(work.glob("*_stats.json"))) < 2 and proc.poll() is None:
             time.sleep(0.02)
         assert proc.poll() is None, "crawl finished before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        assert not (out / "_SUCCESS").exists()
+        assert not (out / "_SUCCESS-image_text").exists()
         curate(*crawl_args(url_list, out))
-    ref = pd.read_parquet(reference / "crawl_ledger.parquet")
-    got = pd.read_parquet(out / "crawl_ledger.parquet")
+    ref = pd.read_parquet(reference / "crawl_ledger-image_text.parquet")
+    got = pd.read_parquet(out / "crawl_ledger-image_text.parquet")
     assert set(got.loc[got["status"] == "kept", "uid"]) == set(ref.loc[ref["status"] == "kept", "uid"])
     uids_in_shards = []
-    for tar_path in sorted(out.glob("r*.tar")):
+    for tar_path in sorted(out.glob("image_text-r*.tar")):
         with tarfile.open(tar_path) as tar:
             uids_in_shards += [json.loads(tar.extractfile(m).read())["uid"] for m in tar if m.name.endswith(".json")]
     assert len(uids_in_shards) == len(set(uids_in_shards)) == (got["status"] == "kept").sum()

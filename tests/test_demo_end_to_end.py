@@ -35,8 +35,10 @@ def outcomes(demo_out, run_root):
 
 def test_every_url_is_in_the_ledger_exactly_once(demo_out, run_root):
     ledger = pd.read_parquet(run_root / "ledger.parquet")
-    n_urls = len(pd.read_parquet(demo_out / "urls.parquet"))
-    assert len(ledger) == n_urls and ledger["uid"].is_unique
+    n_inputs = (len(pd.read_parquet(demo_out / "urls.parquet")) + len(pd.read_parquet(demo_out / "videos.parquet"))
+                + sum(1 for _ in open(demo_out / "documents.jsonl")))
+    assert len(ledger) == n_inputs and ledger["uid"].is_unique
+    assert set(ledger["source"]) == {"urls", "documents", "videos"}
     assert set(ledger["status"]) == {"kept", "dropped", "failed"}
     schemas.validate_rows("ledger", schemas.records(ledger, "ledger"))
     summary = json.loads((run_root / "summary.json").read_text())
@@ -73,8 +75,11 @@ def test_duplicates_removed_and_originals_kept(outcomes):
     assert dup_of.isin(outcomes.loc[outcomes["status"] == "kept", "uid"]).all()
 
 
-def tier_tars(run_root):
-    return sorted((run_root / "tiers").glob("*/*.tar"))
+IMAGE_TIERS = ("alignment", "captioned_detail")
+
+
+def tier_tars(run_root, tiers=None):
+    return sorted(t for t in (run_root / "tiers").glob("*/*.tar") if tiers is None or t.parent.name in tiers)
 
 
 def test_manifests_match_files(run_root):
@@ -95,14 +100,15 @@ def test_sidecar_has_the_tar_samples_in_tar_order(run_root):
         keys = list(dict.fromkeys(n.split(".", 1)[0] for n in names))
         side = pq.read_table(tar_path.with_suffix(".parquet")).to_pandas()
         assert keys == side["key"].tolist()
-        assert set(n.split(".", 1)[1] for n in names) == {"jpg", "txt", "json"}
+        for key, media in zip(side["key"], side["media"]):
+            assert {n.split(".", 1)[1] for n in names if n.startswith(key + ".")} == {*json.loads(media), "txt", "json"}
         assert (side["shard"] == tar_path.name).all() and (side["tier"] == tar_path.parent.name).all()
 
 
 def test_webdataset_reads_the_tiers(run_root):
     import webdataset as wds
 
-    tars = tier_tars(run_root)
+    tars = tier_tars(run_root, IMAGE_TIERS)
     ds = wds.WebDataset([str(t) for t in tars], shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json")
     n = 0
     for key, img, txt, meta in ds:
@@ -115,7 +121,7 @@ def test_webdataset_reads_the_tiers(run_root):
 def test_hf_datasets_reads_a_tier(run_root):
     from datasets import load_dataset
 
-    tier = next(p for p in (run_root / "tiers").iterdir() if p.is_dir())
+    tier = run_root / "tiers" / "alignment"
     manifest = json.loads((tier / "manifest.json").read_text())
     ds = load_dataset("webdataset", data_files={"train": [str(p) for p in sorted(tier.glob("*.tar"))]}, split="train")
     assert len(ds) == manifest["num_samples"]
@@ -153,6 +159,29 @@ def test_query_cli_formats(run_root, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
 
 
+def test_documents_and_videos_reach_their_tiers(run_root):
+    import av
+
+    docs = pq.read_table(run_root / "tiers" / "documents" / "documents-000000.parquet").to_pandas()
+    assert len(docs) >= 3 and (docs["kind"] == "interleaved").all()
+    with tarfile.open(run_root / "tiers" / "documents" / "documents-000000.tar") as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar}
+    for row in docs.itertuples():
+        doc = json.loads(row.doc)
+        members = [it["member"] for it in doc["items"] if it["type"] == "image"]
+        assert members == [f"{i}.jpg" for i in range(row.num_images)]  # ordered, one per image
+        for m in members:
+            assert files[f"{row.key}.{m}"][:2] == b"\xff\xd8"
+    videos = pq.read_table(run_root / "tiers" / "video" / "video-000000.parquet").to_pandas()
+    assert len(videos) >= 2 and (videos["duration"] > 1).all() and (videos["codec"] == "mpeg4").all()
+    with tarfile.open(run_root / "tiers" / "video" / "video-000000.tar") as tar:
+        clip = tar.extractfile(f"{videos['key'][0]}.mp4").read()
+    import io
+
+    with av.open(io.BytesIO(clip)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == videos["num_frames"][0]
+
+
 def test_demo_writes_a_report_with_plots(run_root):
     page = (run_root / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4
@@ -172,7 +201,7 @@ def test_unreadable_shard_and_missing_input_are_one_line(demo_out, tmp_path):
     assert missing.returncode == 2 and "input folder not found" in missing.stderr and "Traceback" not in missing.stderr
     raw = tmp_path / "raw"
     raw.mkdir()
-    good = sorted((demo_out / "raw").glob("*.tar"))[0]
+    good = sorted((demo_out / "raw").glob("image_text-*.tar"))[0]
     (raw / good.name).write_bytes(good.read_bytes())
     (raw / "99999.tar").write_bytes(good.read_bytes()[:1500] + b"\x00garbage" * 50)
     bad = curate("run", "pipelines/demo.yaml", "--input", raw, "--out", tmp_path / "o", check=False)
@@ -180,10 +209,29 @@ def test_unreadable_shard_and_missing_input_are_one_line(demo_out, tmp_path):
     assert "99999.tar" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_query_failing_at_execution_is_one_line(run_root, tmp_path):
+    proc = curate("query", "SELECT CAST(uid AS INTEGER) FROM ledger", "--root", run_root, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "query failed" in proc.stderr
+    proc = curate("query", "SELECT 1", "--root", run_root, "--format", "csv", "--output", tmp_path / "no" / "x.csv",
+                  check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "cannot write" in proc.stderr
+
+
+def test_an_empty_raw_shard_is_fine(demo_out, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    first = sorted((demo_out / "raw").glob("image_text-*.tar"))[0]
+    (raw / first.name).write_bytes(first.read_bytes())
+    with tarfile.open(raw / "zz-empty.tar", "w"):
+        pass
+    curate("run", "pipelines/demo.yaml", "--input", raw, "--out", tmp_path / "o")
+    assert (tmp_path / "o" / "_SUCCESS").exists()
+
+
 def test_overlapping_raw_shards_are_refused(demo_out, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    first = sorted((demo_out / "raw").glob("*.tar"))[0]
+    first = sorted((demo_out / "raw").glob("image_text-*.tar"))[0]
     for name in ("a.tar", "b.tar"):
         (raw / name).write_bytes(first.read_bytes())
     proc = curate("run", "pipelines/demo.yaml", "--input", raw, "--out", tmp_path / "o", check=False)

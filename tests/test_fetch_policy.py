@@ -116,3 +116,55 @@ def test_video_kind_checks_container(connections):
         assert fetch(base + "/video/a.mp4", "video", POLICY).status == "kept"
         o = fetch(base + "/video/b.mp4", "video", POLICY)
     assert (o.status, o.reason) == ("dropped", "not_video")
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["max-image-preview:large, noai"], "noai"),
+    (["noai,unavailable_after: 25 Jun 2010 15:00:00 PST"], "noai"),
+    (["none"], "noindex"),
+    (["otherbot: noindex, curation-vlm: noai"], "noai"),
+    (["otherbot: noindex, nofollow"], None),
+])
+def test_opt_out_parsing_edge_cases(values, expected):
+    assert opted_out(values) == expected
+
+
+def test_headers_trickled_past_the_deadline_time_out(connections):
+    import threading as th
+    import time as tm
+    from socket import socket as sock_cls
+
+    server = sock_cls()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+
+    def trickle():
+        conn, _ = server.accept()
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 40:
+                conn.send(bytes([byte]))
+                tm.sleep(0.1)  # each byte well inside the socket timeout
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    t = th.Thread(target=trickle, daemon=True)
+    t.start()
+    started = tm.monotonic()
+    policy = FetchPolicy(timeout=1.0, deadline=1.0, retries=0, allowed_networks=("127.0.0.1/32",))
+    o = fetch(f"http://127.0.0.1:{port}/x.jpg", "image", policy)
+    assert (o.status, o.reason, o.transient) == ("failed", "timeout", True)
+    assert tm.monotonic() - started < 3
+    server.close()
+
+
+def test_unknown_host_is_permanent():
+    import socket as s
+
+    def nxdomain(host, port):
+        raise s.gaierror(s.EAI_NONAME, "Name or service not known")
+
+    o = fetch("http://no-such-host.invalid/x.jpg", "image", FetchPolicy(retries=2, backoff=0.01), resolver=nxdomain)
+    assert (o.status, o.reason, o.transient, o.attempts) == ("failed", "dns_error", False, 1)

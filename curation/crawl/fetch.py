@@ -21,6 +21,7 @@ import io
 import random
 import socket
 import ssl
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -108,17 +109,27 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
+# Directives that carry a value after a colon: not crawler names.
+VALUED_DIRECTIVES = ("max-snippet", "max-image-preview", "max-video-preview", "unavailable_after")
+
+
 def opted_out(header_values: list[str], directives=OPT_OUT_DIRECTIVES, token: str = USER_AGENT_TOKEN) -> str | None:
-    """The opt-out directive that applies, if any. A value may be global ("noai, noindex")
-    or addressed to one crawler ("otherbot: noai"); only ours and global ones count."""
+    """The opt-out directive that applies, if any. Values are comma lists of directives;
+    `name: directive` switches the scope to one crawler ("otherbot: noai, noindex") until
+    the next name. Only global rules and those addressed to us (or "*") count; `none`
+    means noindex + nofollow."""
     for value in header_values:
-        scope, sep, rest = value.partition(":")
-        if sep and scope.strip().lower() not in directives and " " not in scope.strip():
-            if scope.strip().lower() not in (token.lower(), "*"):
+        scope = None
+        for part in value.split(","):
+            part = part.strip()
+            head, sep, tail = part.partition(":")
+            if sep and head.strip().lower() not in VALUED_DIRECTIVES:
+                scope, part = head.strip().lower(), tail.strip()
+            if scope not in (None, "*", token.lower()):
                 continue
-            value = rest
-        for directive in value.split(","):
-            d = directive.strip().lower()
+            d = part.lower()
+            if d == "none" and "noindex" in directives:
+                return "noindex"
             if d in directives:
                 return d
     return None
@@ -148,6 +159,16 @@ def check_video(data: bytes) -> None:
     """Container magic of mp4/mov (ftyp box) or webm/mkv (EBML); the probe comes later."""
     if not (data[4:8] == b"ftyp" or data[:4] == b"\x1a\x45\xdf\xa3"):
         raise _Final("dropped", "not_video", "body is not an mp4/webm container")
+
+
+def _abort(conn: http.client.HTTPConnection) -> None:
+    """Deadline reached: break the connection so the blocked read returns."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _read_body(resp: http.client.HTTPResponse, cap: int, deadline: float) -> bytes:
@@ -180,12 +201,23 @@ def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver) -> Outcome:
         verdict = check_url(current, policy.allow_private, resolver, policy.allowed_networks)
         if not verdict.allowed:
             if verdict.reason == "dns_error":
-                raise _Transient("dns_error", verdict.error or "name resolution failed")
+                if verdict.error and ("EAI_AGAIN" in verdict.error or "Temporary failure" in verdict.error):
+                    raise _Transient("dns_error", verdict.error)
+                raise _Final("failed", "dns_error", verdict.error or "name resolution failed")  # NXDOMAIN etc.
             raise _Final("dropped" if verdict.reason == "private_address" else "failed", verdict.reason,
                          verdict.error or f"refused address for {urlsplit(current).hostname}")
         parts = urlsplit(current)
+        port = parts.port or (443 if parts.scheme == "https" else 80)  # http.client misreads "[v6]" alone
         conn_cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-        conn = conn_cls(parts.hostname, parts.port, verdict.addresses[0], policy.timeout)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Transient("timeout", "whole-request deadline exceeded (redirects)")
+        conn = conn_cls(parts.hostname, port, verdict.addresses[0], min(policy.timeout, remaining))
+        # The watchdog enforces the deadline on every socket operation (connect, headers
+        # sent one byte at a time, body), which per-operation timeouts cannot.
+        watchdog = threading.Timer(remaining, _abort, (conn,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             conn.request("GET", path, headers={"User-Agent": policy.user_agent, "Accept": "*/*"})
@@ -209,7 +241,12 @@ def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver) -> Outcome:
             elif kind == "video":
                 check_video(data)
             return Outcome(url, "kept", data=data, content_type=resp.getheader("Content-Type"), final_url=current)
+        except (OSError, http.client.HTTPException):  # what a read cut by the watchdog raises
+            if time.monotonic() >= deadline:
+                raise _Transient("timeout", "whole-request deadline exceeded") from None
+            raise
         finally:
+            watchdog.cancel()
             conn.close()
     raise _Final("failed", "too_many_redirects", f"more than {policy.max_redirects} redirects")
 

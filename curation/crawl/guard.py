@@ -65,6 +65,9 @@ def check_url(url: str | None, allow_private: bool, resolver: Callable[[str, int
         return Verdict(False, "bad_url", f"only http(s) urls with a host are fetched: {url[:200]}")
     try:
         addresses = resolver(parts.hostname, port)
-    except (socket.gaierror, UnicodeError, OSError) as exc:
+    except socket.gaierror as exc:
+        transient = exc.errno == socket.EAI_AGAIN
+        return Verdict(False, "dns_error", f"{'EAI_AGAIN ' if transient else ''}{type(exc).__name__}: {exc}")
+    except (UnicodeError, OSError) as exc:
         return Verdict(False, "dns_error", f"{type(exc).__name__}: {exc}")
     return judge_addresses(addresses, allow_private, allowed_networks)

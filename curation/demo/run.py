@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from .. import config
+from ..crawl import KINDS
 from ..crawl.image_text import crawl_image_text
+from ..crawl.media import crawl_media
 from ..paths import bundled_pipeline
 from ..report import write_report
 from ..runner import run_pipeline
@@ -24,18 +27,33 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
     log(f"[1/3] building the demo corpus in {out / 'corpus'}")
     info = corpus.build(out / "corpus", plan=plan)
     raw = out / "raw"
-    if (raw / "_SUCCESS").exists():
+    if all((raw / f"_SUCCESS-{kind}").exists() for kind in KINDS):
         log(f"[2/3] crawl already complete in {raw}")
     else:
+        # The demo server is our own on loopback: allow exactly that address, nothing else private.
+        loopback = ("127.0.0.1/32",)
         with serve_directory(out / "corpus") as base:
-            log(f"[2/3] crawling {info['image_text_rows']} urls from the demo server at {base}")
+            log(f"[2/3] crawling {info['image_text_rows']} image urls, {info['documents']} documents and "
+                f"{info['videos']} videos from the demo server at {base}")
             urls = pd.read_parquet(out / "corpus" / "image_text.parquet")
             urls.insert(0, "url", base + "/" + urls.pop("path"))
             url_list = out / "urls.parquet"
             urls.to_parquet(url_list, index=False)
-            # The demo server is our own on loopback: allow exactly that address, nothing else private.
-            crawl_image_text(url_list, raw, allowed_networks=("127.0.0.1/32",), ray_address=ray_address,
+            crawl_image_text(url_list, raw, allowed_networks=loopback, ray_address=ray_address,
                              samples_per_shard=samples_per_shard)
+            docs = out / "documents.jsonl"
+            with open(out / "corpus" / "documents.jsonl", encoding="utf-8") as src, open(docs, "w", encoding="utf-8") as dst:
+                for line in src:
+                    doc = json.loads(line)
+                    for item in doc["items"]:
+                        if item["type"] == "image":
+                            item["url"] = f"{base}/{item.pop('path')}"
+                    dst.write(json.dumps(doc) + "\n")
+            crawl_media("interleaved", docs, raw, allowed_networks=loopback)
+            videos = pd.read_parquet(out / "corpus" / "videos.parquet")
+            videos.insert(0, "url", base + "/" + videos.pop("path"))
+            videos.to_parquet(out / "videos.parquet", index=False)
+            crawl_media("video", out / "videos.parquet", raw, allowed_networks=loopback)
     log(f"[3/3] curating with {bundled_pipeline('demo')}")
     cfg = config.load(bundled_pipeline("demo"))
     summary = run_pipeline(cfg, raw, out / "curated", ray_address=ray_address)

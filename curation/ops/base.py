@@ -3,7 +3,8 @@
 Two kinds of operator, both configured from pipeline YAML (`- op: NAME` plus params):
 
 * MapOp: runs inside Ray Data actors on batches (a pandas DataFrame). Built once per
-  actor, so models load once. It sees only the rows still alive (status == "kept"),
+  actor, so models load once. It sees only the rows still alive (status == "kept")
+  of the kinds it declares,
   annotates columns, and rejects rows with `self.drop` / `self.fail` instead of removing
   them, so every sample reaches the ledger. If `process` raises on a batch, the batch is
   retried row by row and only the offending rows are marked failed.
@@ -51,6 +52,14 @@ class Resources:
         unknown = set(overrides) - known
         if unknown:
             raise ConfigError(f"{where}: unknown resources key(s) {sorted(unknown)}; known: {sorted(known)}")
+        for key, value in overrides.items():
+            integer = key in ("batch_size", "concurrency")
+            ok = (value is None and key == "concurrency") or (
+                not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+                and (value >= 1 if integer else value >= 0))
+            if not ok:
+                kind = "an integer >= 1" if integer else "a number >= 0"
+                raise ConfigError(f"{where}: resources.{key} must be {kind}, got {value!r}")
         return dataclasses.replace(self, **overrides)
 
 
@@ -77,8 +86,9 @@ class Operator:
             raise ConfigError(f"{where} ({cls.name}): {exc}") from None
         for f in fields.values():
             value = getattr(params, f.name)
-            numeric = f.type in (int, float, "int", "float")
-            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if f.type in (int, "int") and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{where} ({cls.name}): option '{f.name}' must be an integer, got {value!r}")
+            if f.type in (float, "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ConfigError(f"{where} ({cls.name}): option '{f.name}' must be a number, got {value!r}")
         cls.check_params(params, where)
         return params
@@ -108,12 +118,14 @@ class MapOp(Operator):
     fusable: ClassVar[bool] = True
     # Columns this operator writes (must be declared in schemas/sidecar.schema.json).
     outputs: ClassVar[tuple[str, ...]] = ()
+    # Sample kinds it applies to; rows of other kinds pass through untouched.
+    kinds: ClassVar[tuple[str, ...]] = ("image_text", "interleaved", "video")
 
     def process(self, live: pd.DataFrame) -> pd.DataFrame:
         raise NotImplementedError
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        live_mask = batch["status"] == LIVE
+        live_mask = (batch["status"] == LIVE) & batch["kind"].isin(self.kinds)
         if not live_mask.any():
             return batch
         live = batch.loc[live_mask].copy()

@@ -37,6 +37,7 @@ class DecodeImage(MapOp):
     name = "decode_image"
     version = "1"
     outputs = ("width", "height", "image_format", "num_bytes", "sha256")
+    kinds = ("image_text", "interleaved")  # a document's first image; all were decoded at crawl
 
     @dataclasses.dataclass
     class Params:
@@ -72,6 +73,8 @@ class DecodeImage(MapOp):
         live["_image"] = images
         live["width"], live["height"] = widths, heights
         live["image_format"], live["num_bytes"], live["sha256"] = formats, sizes, digests
+        if "doc_sha256" in live.columns:  # a document's identity is all of its images
+            live["sha256"] = live["doc_sha256"].where(live["doc_sha256"].notna(), live["sha256"])
         return live
 
 
@@ -81,6 +84,7 @@ class PerceptualHash(MapOp):
 
     name = "perceptual_hash"
     version = "1"
+    kinds = ("image_text", "interleaved")
     outputs = ("phash",)
 
     def process(self, live: pd.DataFrame) -> pd.DataFrame:
@@ -94,6 +98,7 @@ class ImageQuality(MapOp):
 
     name = "image_quality"
     version = "1"
+    kinds = ("image_text", "interleaved")
 
     @dataclasses.dataclass
     class Params:

@@ -16,6 +16,7 @@ class CaptionLength(MapOp):
 
     name = "caption_length"
     version = "1"
+    kinds = ("image_text", "video")  # documents carry long text by nature
 
     @dataclasses.dataclass
     class Params:

@@ -27,14 +27,20 @@ def _case_sql(rules: tuple[TierRule, ...]) -> str:
     return f"SELECT uid, CASE {whens} ELSE NULL END AS tier FROM samples"
 
 
-def check_rules(rules: tuple[TierRule, ...], extra_columns: dict[str, str] | None = None) -> None:
-    """Fail fast, before any work, on a rule DuckDB cannot bind (typo, bad SQL)."""
-    cols = {name: pd.Series(dtype="object") for name in schemas.columns("sidecar")}
-    for name in ("width", "height", "num_bytes"):
-        cols[name] = pd.Series(dtype="Int64")
-    for name in ("clip_score", "nsfw"):
-        cols[name] = pd.Series(dtype="float64")
-    con = _connect(pd.DataFrame(cols))
+_DTYPES = {"integer": "Int64", "number": "float64"}
+
+
+def check_rules(rules: tuple[TierRule, ...], columns: set[str]) -> None:
+    """Fail fast, before any work, on a rule DuckDB cannot bind (typo, bad SQL, or a
+    column that no configured operator produces)."""
+    props = schemas.load("sidecar")["properties"]
+
+    def dtype(name: str) -> str:
+        types = props.get(name, {}).get("type", "string")
+        types = types if isinstance(types, list) else [types]
+        return next((_DTYPES[t] for t in types if t in _DTYPES), "object")
+
+    con = _connect(pd.DataFrame({name: pd.Series(dtype=dtype(name)) for name in sorted(columns)}))
     for rule in rules:
         try:
             con.execute(f"SELECT count(*) FROM samples WHERE ({rule.where})").fetchall()

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,25 +19,39 @@ from PIL import Image
 
 from .. import __version__, schemas
 from ..fsutil import atomic_write_bytes, atomic_write_text
-from ..rawshards import IMAGE_EXTS, iter_samples
+from ..wds import tar_bytes
+from ..rawshards import iter_samples
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def _as_jpeg(data: bytes, image_format: str | None) -> bytes:
+def _as_jpeg(data: bytes) -> bytes:
     """Tier shards use the standard `jpg` key; non-JPEG sources are re-encoded."""
-    if image_format == "JPEG":
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
         return data
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = img.convert("RGB")
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=95)
     return buf.getvalue()
+
+
+def tier_media(row: dict, files: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    """The media members a tier sample carries, in order: `jpg` (image_text), `0.jpg`,
+    `1.jpg`, ... (interleaved) or `mp4`/`webm` (video). Rewrites the row's `media` (and a
+    document's member references) to the names written."""
+    names = json.loads(row.get("media") or "[]")
+    if row["kind"] == "video":
+        return [(names[0], files[names[0]])]
+    if row["kind"] == "interleaved":
+        renamed = {old: f"{i}.jpg" for i, old in enumerate(names)}
+        doc = json.loads(row["doc"])
+        for item in doc["items"]:
+            if item.get("member"):
+                item["member"] = renamed.get(item["member"])
+        row["doc"] = json.dumps(doc, sort_keys=True)
+        row["media"] = json.dumps(list(renamed.values()))
+        return [(renamed[n], _as_jpeg(files[n])) for n in names]
+    row["media"] = json.dumps(["jpg"])
+    return [("jpg", _as_jpeg(files[names[0]]))]
 
 
 def sample_json(row: dict) -> bytes:
@@ -53,26 +66,24 @@ def write_shard(tar_path: str, rows: list[dict], raw_dir: str) -> dict:
     wanted: dict[str, dict[str, str]] = {}
     for r in rows:
         wanted.setdefault(r["raw_shard"], {})[r["raw_key"]] = r["uid"]
-    media: dict[str, bytes] = {}
+    raw_files: dict[str, dict[str, bytes]] = {}
     for raw_shard, keys in wanted.items():
         for key, files in iter_samples(Path(raw_dir) / raw_shard):
             if key in keys:
-                media[keys[key]] = next((files[e] for e in IMAGE_EXTS if e in files), b"")
+                raw_files[keys[key]] = files
 
+    media = {r["uid"]: tier_media(r, raw_files[r["uid"]]) for r in rows}
     sidecar_rows = [{c: r.get(c) for c in schemas.columns("sidecar")} for r in rows]
     table = schemas.to_table("sidecar", sidecar_rows)
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for row, sc in zip(rows, sidecar_rows):
-            key = sc["key"]
-            members = [("jpg", _as_jpeg(media[row["uid"]], row.get("image_format")))]
-            if sc.get("text") is not None:
-                members.append(("txt", sc["text"].encode()))
-            members.append(("json", sample_json(sc)))
-            for ext, data in members:
-                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-    data = buf.getvalue()
+    samples = []
+    for row, sc in zip(rows, sidecar_rows):
+        members = list(media[row["uid"]])
+        if sc.get("text") is not None:
+            members.append(("txt", sc["text"].encode()))
+        members.append(("json", sample_json(sc)))
+        samples.append((sc["key"], members))
+    data = tar_bytes(samples)
 
     atomic_write_bytes(tar_path, data)
     sidecar = tar_path.with_suffix(".parquet")
