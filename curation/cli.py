@@ -4,6 +4,7 @@ line and exit status 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -67,6 +68,9 @@ def cmd_crawl(args) -> None:
     print(f"\ncrawled {len(ledger)} urls into {args.out}")
     for (status, reason), n in counts.items():
         print(f"  {status:<8} {reason:<20} {n:>7}")
+    attempts = json.loads((Path(args.out) / f"_SUCCESS-{args.kind}").read_text())["attempts"]
+    print(f"attempts over all rounds (from the shards' _stats.json): {attempts['count']} in {attempts['shards']} "
+          f"shards, {attempts['successes']} succeeded")
     print(f"crawl ledger: {Path(args.out) / ledger_name(args.kind)}")
     print("run the same command again to retry transient failures (successes are never refetched)")
 

@@ -97,6 +97,12 @@ def test_rerun_retries_only_transient_failures(tmp_path):
     assert hits["/always-500.jpg"] == 3  # transient: tried again on each run
     kept = second[second["status"] == "kept"]
     assert kept["uid"].is_unique and kept["raw_shard"].notna().all()
+    # img2dataset's _stats.json, summed over the three rounds, are in the crawl summary
+    attempts = json.loads((tmp_path / "raw" / "_SUCCESS-image_text").read_text())["attempts"]
+    assert attempts["successes"] == len(kept)
+    retried = (first["status"] == "failed") & first["reason"].isin(["http_error"]) & first["url"].str.contains("500|flaky")
+    assert attempts["count"] == first["url"].str.startswith("http").sum() + 2 * retried.sum()  # both retried twice
+    assert attempts["outcomes"]["failed:http_error"] >= 3
 
 
 def test_edited_url_list_is_refused_and_half_made_round_is_ignored(tmp_path):

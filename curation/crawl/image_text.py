@@ -7,7 +7,6 @@ parquet (status, error_message) becomes the crawl ledger; its _stats.json are ke
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 from pathlib import Path
@@ -101,16 +100,3 @@ def crawl_image_text(input_path: str | Path, out_dir: str | Path, *, url_col: st
     return crawl_in_rounds(urls, urls["url"].map(valid_url), out_dir, KIND,
                            lambda round_dir, prefix: _run_round(round_dir, prefix, out_dir, policy, **run),
                            read_img2dataset_shard)
-
-
-def crawl_stats(out_dir: str | Path) -> dict:
-    """img2dataset's _stats.json files summed over every round: counts and error histogram."""
-    total: dict = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "errors": {}}
-    for path in sorted(glob.glob(str(Path(out_dir) / f"{KIND}-r[0-9][0-9][0-9]-*_stats.json"))):
-        stats = json.loads(Path(path).read_text())
-        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
-            total[k] += int(stats.get(k, 0))
-        for err, n in (stats.get("status_dict") or {}).items():
-            reason = (decode_error(err) or {}).get("reason", err)
-            total["errors"][reason] = total["errors"].get(reason, 0) + n
-    return total

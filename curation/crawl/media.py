@@ -187,7 +187,8 @@ def _run_round(round_dir: Path, prefix: str, out_dir: Path, fetch_one: Callable[
             stats = frame.groupby(["status", "reason"], dropna=False).size()
             atomic_write_text(out_dir / f"{name}_stats.json", json.dumps(
                 {"count": len(rows), "successes": int((frame["status"] == "kept").sum()),
-                 "status_dict": {f"{s}:{r}": int(n) for (s, r), n in stats.items()}}, indent=2))
+                 "status_dict": {("kept" if s == "kept" else f"{s}:{r}"): int(n) for (s, r), n in stats.items()}},
+                indent=2))
             write_parquet_atomic(frame, out_dir / f"{name}.parquet")  # last: marks the shard done
 
 

@@ -101,7 +101,7 @@ def crawl_in_rounds(items: pd.DataFrame, valid: pd.Series, out_dir: Path, kind: 
         run_round(rounds[-1], shard_prefix(kind, rounds[-1]))
         atomic_write_text(rounds[-1] / "_DONE", "")
     latest = latest_outcomes(out_dir, kind, read_shard)
-    retry = latest.loc[(latest["status"] == "failed") & latest["transient"].fillna(False).astype(bool), "uid"]
+    retry = latest.loc[(latest["status"] == "failed") & latest["transient"].eq(True), "uid"]
     todo = items[valid & (~items["uid"].isin(latest["uid"]) | items["uid"].isin(retry))]
     if not todo.empty:
         round_dir = out_dir / "_rounds" / kind / f"r{len(rounds):03d}"
@@ -130,7 +130,30 @@ def write_ledger(items: pd.DataFrame, valid: pd.Series, latest: pd.DataFrame, ou
     pq.write_table(schemas.to_table("ledger", ledger), tmp)
     os.replace(tmp, out_dir / ledger_name(kind))
     counts = ledger["status"].value_counts().to_dict()
-    transient = int(ledger["transient"].fillna(False).astype(bool).sum()) if "transient" in ledger else 0
+    transient = int(ledger["transient"].eq(True).sum()) if "transient" in ledger else 0
     atomic_write_text(out_dir / f"_SUCCESS-{kind}", json.dumps(
-        {"inputs": len(items), **counts, "transient_failures": transient}, indent=2) + "\n")
+        {"inputs": len(items), **counts, "transient_failures": transient, "attempts": crawl_stats(out_dir, kind)},
+        indent=2) + "\n")
     return ledger
+
+
+def crawl_stats(out_dir: str | Path, kind: str) -> dict:
+    """Every round's per-shard _stats.json summed: attempts (retries count again),
+    successes, and the outcome histogram (img2dataset's error messages decoded to our
+    reasons), plus img2dataset's own download-time figures where present."""
+    from .img2dataset_bridge import decode_error
+
+    total: dict = {"shards": 0, "count": 0, "successes": 0, "outcomes": {}}
+    for path in sorted(glob.glob(str(Path(out_dir) / f"{kind}-r[0-9][0-9][0-9]-*_stats.json"))):
+        stats = json.loads(Path(path).read_text())
+        total["shards"] += 1
+        total["count"] += int(stats.get("count", 0))
+        total["successes"] += int(stats.get("successes", 0))
+        for key in ("failed_to_download", "failed_to_resize", "duration"):
+            if key in stats:
+                total[key] = round(total.get(key, 0) + stats[key], 3)
+        for outcome, n in (stats.get("status_dict") or {}).items():
+            decoded = decode_error(outcome)
+            label = f"{decoded['status']}:{decoded['reason']}" if decoded else ("kept" if outcome == "success" else outcome)
+            total["outcomes"][label] = total["outcomes"].get(label, 0) + n
+    return total
