@@ -73,3 +73,18 @@ def test_unreachable_cluster_is_one_line(demo_out, tmp_path):
                   "--ray-address", f"127.0.0.1:{free_port()}", check=False, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
     assert "cannot start or reach the Ray cluster" in proc.stderr
+
+
+def test_crawl_with_img2dataset_ray_distributor(two_node_cluster, tmp_path):
+    from .servers import hostile_server
+
+    address, env = two_node_cluster
+    with hostile_server() as base:
+        urls = pd.DataFrame({"url": [f"{base}/img/{i}.jpg" for i in range(40)] + [f"{base}/missing.jpg"],
+                             "caption": [f"image {i}" for i in range(41)]})
+        urls.to_parquet(tmp_path / "urls.parquet")
+        proc = curate("crawl", "--input", tmp_path / "urls.parquet", "--out", tmp_path / "raw",
+                      "--allow-network", "127.0.0.1/32", "--samples-per-shard", "10", "--ray-address", address, env=env)
+    assert "crawled 41 urls" in proc.stdout
+    ledger = pd.read_parquet(tmp_path / "raw" / "crawl_ledger-image_text.parquet")
+    assert (ledger["status"] == "kept").sum() == 40 and ledger["raw_shard"].nunique() == 4  # 5th shard: the 404 only
