@@ -23,7 +23,7 @@ def jpeg(w, h, colour=(200, 30, 30)):
 def batch(images, texts=None):
     n = len(images)
     return pd.DataFrame({
-        "uid": [f"{i:016x}" for i in range(n)], "image_bytes": images,
+        "uid": [f"{i:016x}" for i in range(n)], "kind": ["image_text"] * n, "image_bytes": images,
         "text": texts or ["a red square on the left"] * n,
         "status": ["kept"] * n, "reason": [None] * n, "error": [None] * n,
     })
@@ -68,6 +68,13 @@ def test_rows_already_rejected_are_not_touched():
     df.loc[1, ["status", "reason"]] = ["dropped", "earlier"]
     out = DecodeImage(DecodeImage.Params())(df)
     assert out.loc[1, "reason"] == "earlier"
+
+
+def test_operators_skip_kinds_they_do_not_declare():
+    df = batch([b"", jpeg(64, 64)])
+    df.loc[0, "kind"] = "video"  # no image: decode_image must not drop it as no_image
+    out = DecodeImage(DecodeImage.Params())(df)
+    assert list(out["status"]) == ["kept", "kept"] and pd.isna(out.loc[0, "width"])
 
 
 class ExplodesOnBlue(MapOp):
