@@ -7,12 +7,11 @@ import contextlib
 import io
 import struct
 import zlib
-import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler
 
-from curation.demo.server import LoopbackServer
+from curation.demo.server import serve
 
 from PIL import Image
 
@@ -133,11 +132,5 @@ class Hostile(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def hostile_server():
     Hostile.hits = Counter()
-    server = LoopbackServer(("127.0.0.1", 0), Hostile)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(Hostile) as base:
+        yield base

@@ -24,7 +24,14 @@ class LoopbackServer(ThreadingHTTPServer):
 @contextlib.contextmanager
 def serve_directory(root: str | Path):
     """Serve `root` on 127.0.0.1 on a free port; yields the base url (no trailing slash)."""
-    handler = functools.partial(_QuietHandler, directory=str(root))
+    with serve(functools.partial(_QuietHandler, directory=str(root))) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def serve(handler):
+    """Run an HTTP request handler on 127.0.0.1 on a free port, in a background thread;
+    yields the base url and shuts the server down on exit."""
     server = LoopbackServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
