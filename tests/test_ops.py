@@ -143,7 +143,8 @@ def test_star_clustering_never_chains():
     b = a ^ 0b11
     c = b ^ 0b1100
     table = pd.DataFrame({"uid": ["a" * 16, "b" * 16, "c" * 16], "width": [100, 90, 80], "height": [100] * 3,
-                          "phash": [f"{h:016x}" for h in (a, b, c)], "status": "kept", "reason": None})
+                          "phash": [f"{h:016x}" for h in (a, b, c)], "status": "kept", "reason": None,
+                          "kind": "image_text"})
     out = NearDedup(NearDedup.Params(max_hamming=2)).apply(table)
     assert list(out["status"]) == ["kept", "dropped", "kept"]
     assert out.loc[1, "dup_of"] == "a" * 16
@@ -155,3 +156,11 @@ def test_dedup_choice_does_not_depend_on_row_order():
     b = ExactDedup(ExactDedup.Params()).apply(table.sample(frac=1, random_state=1).copy())
     key = lambda t: t.set_index("uid")[["status", "dup_of"]].sort_index()
     pd.testing.assert_frame_equal(key(a), key(b))
+
+
+def test_dedup_never_mixes_kinds():
+    table, _ = scene_table(n_scenes=4, seed=5)
+    twin = table.iloc[[0]].assign(uid="f" * 16, kind="interleaved")  # a document whose first image is scene 0
+    table = pd.concat([table, twin], ignore_index=True)
+    out = NearDedup(NearDedup.Params(max_hamming=4)).apply(ExactDedup(ExactDedup.Params()).apply(table))
+    assert out.set_index("uid").loc["f" * 16, "status"] == "kept"

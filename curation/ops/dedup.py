@@ -1,7 +1,8 @@
 """Exact and perceptual-hash near-duplicate removal over the whole run.
 
 Both keep one representative per group and drop the rest with reason duplicate_exact /
-duplicate_near and dup_of = the representative's uid. The representative is the
+duplicate_near and dup_of = the representative's uid. Groups never mix kinds: a document
+whose first image looks like a single image is not a redundant sample. The representative is the
 largest image (most pixels), ties broken by uid, so the choice never depends on the
 order in which Ray delivered the rows.
 """
@@ -47,7 +48,7 @@ class ExactDedup(GlobalOp):
 
     def apply(self, table: pd.DataFrame) -> pd.DataFrame:
         live = table[(table["status"] == LIVE) & table["sha256"].notna()]
-        groups = [list(idx) for idx in live.groupby("sha256").groups.values()]
+        groups = [list(idx) for idx in live.groupby(["kind", "sha256"]).groups.values()]
         return _mark_duplicates(table, groups, "duplicate_exact")
 
 
@@ -102,8 +103,11 @@ class NearDedup(GlobalOp):
 
     def apply(self, table: pd.DataFrame) -> pd.DataFrame:
         live = table[(table["status"] == LIVE) & table["phash"].notna()]
-        if live.empty:
-            return table
+        for _, same_kind in live.groupby("kind"):
+            table = self._dedup(table, same_kind)
+        return table
+
+    def _dedup(self, table: pd.DataFrame, live: pd.DataFrame) -> pd.DataFrame:
         ordered = _preference_order(live)
         hashes = np.array([int(h, 16) for h in ordered["phash"]], dtype=np.uint64)
         neighbours: dict[int, list[int]] = defaultdict(list)
