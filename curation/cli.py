@@ -84,6 +84,19 @@ def cmd_run(args) -> None:
     _print_summary(summary, Path(args.out))
 
 
+def cmd_verify(args) -> int:
+    from .tiers.verify import verify
+
+    checked, problems = verify(args.root)
+    for p in problems:
+        print(f"MISMATCH {p}")
+    if problems:
+        print(f"{len(problems)} problem(s) in {checked} shards", file=sys.stderr)
+        return 1
+    print(f"OK: {checked} shards match their manifests and sidecars")
+    return 0
+
+
 def cmd_report(args) -> None:
     from .report import write_report
 
@@ -169,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-address", help="Ray cluster address (default: start Ray locally)")
     r.set_defaults(func=cmd_run)
 
+    v = sub.add_parser("verify", help="recheck every tier shard against its manifest (sha256, size, counts, order)")
+    v.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
+    v.set_defaults(func=cmd_verify)
+
     rp = sub.add_parser("report", help="write report.html (plots of outcomes, tiers, distributions) for a run")
     rp.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
     rp.set_defaults(func=cmd_report)
@@ -188,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except CurationError as exc:
         one_line = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
         print(f"curate: error: {one_line}", file=sys.stderr)
@@ -196,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("curate: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

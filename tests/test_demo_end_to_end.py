@@ -182,6 +182,24 @@ def test_documents_and_videos_reach_their_tiers(run_root):
         assert sum(1 for _ in container.decode(video=0)) == videos["num_frames"][0]
 
 
+def test_verify_passes_then_names_a_flipped_byte(run_root, tmp_path):
+    import shutil
+
+    ok = curate("verify", "--root", run_root)
+    assert ok.stdout.startswith("OK:")
+    copy = tmp_path / "copy"
+    shutil.copytree(run_root, copy, ignore=shutil.ignore_patterns("_work"))
+    victim = sorted((copy / "tiers" / "alignment").glob("*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    (copy / "tiers" / "alignment" / "stray.tar").write_bytes(b"")
+    bad = curate("verify", "--root", copy, check=False)
+    assert bad.returncode == 1
+    assert f"MISMATCH alignment/{victim.name}: sha256 differs" in bad.stdout
+    assert "MISMATCH alignment/stray.tar: not listed in manifest.json" in bad.stdout
+
+
 def test_demo_writes_a_report_with_plots(run_root):
     page = (run_root / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4
