@@ -84,6 +84,23 @@ def cmd_run(args) -> None:
     _print_summary(summary, Path(args.out))
 
 
+def cmd_plan(args) -> None:
+    from . import config
+    from .catalog import find_run_root
+    from .tiers.plan import format_bill, make_plan, write_plan
+
+    run_root = find_run_root(args.root)
+    pipeline = args.pipeline or json.loads((run_root / "_work" / "run.json").read_text()).get("pipeline_path")
+    if not pipeline:
+        raise CurationError("name the pipeline with --pipeline (this output does not record it)")
+    plan = make_plan(config.load(pipeline), run_root)
+    out = Path(args.out or run_root / "plan.json")
+    write_plan(plan, out)
+    print(format_bill(plan))
+    print(f"\nplan: {out}  (visual tokens: AnyRes-Max-9 per single image, 729 per image in documents, "
+          "196 per video frame up to 32; text tokens estimated at 4 characters each)")
+
+
 def cmd_verify(args) -> int:
     from .tiers.verify import verify
 
@@ -181,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder; running again on it resumes")
     r.add_argument("--ray-address", help="Ray cluster address (default: start Ray locally)")
     r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("plan", help="resolve the pipeline's training stages over an output; print the token bill")
+    pl.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
+    pl.add_argument("--pipeline", help="pipeline YAML with `stages:` (default: the one that made the output)")
+    pl.add_argument("--out", help="plan file to write (default: ROOT/plan.json)")
+    pl.set_defaults(func=cmd_plan)
 
     v = sub.add_parser("verify", help="recheck every tier shard against its manifest (sha256, size, counts, order)")
     v.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")

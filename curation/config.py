@@ -46,9 +46,27 @@ class TierRule:
     where: str
 
 
+STRATEGY = re.compile(r"^(all|(first|end|random):(\d+%?))$")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixEntry:
+    tier: str
+    strategy: str  # LLaVA-NeXT: all | first:N | end:N | random:N, N a count or a percentage
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    mix: tuple[MixEntry, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardPolicy:
+    """A shard closes at max_samples samples or max_bytes of media, whichever comes first."""
+
     max_samples: int = 1000
+    max_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +74,12 @@ class PipelineConfig:
     name: str
     path: str
     seed: int
+    version: str | None
     map_ops: tuple[OpSpec, ...]
     global_ops: tuple[OpSpec, ...]
     tiers: tuple[TierRule, ...]
     shard: ShardPolicy
+    stages: tuple[Stage, ...] = ()
 
     @property
     def config_hash(self) -> str:
@@ -74,10 +94,12 @@ class PipelineConfig:
     def describe(self) -> dict:
         return {
             "name": self.name,
+            "version": self.version,
             "seed": self.seed,
             "ops": [s.describe() for s in (*self.map_ops, *self.global_ops)],
             "tiers": [dataclasses.asdict(t) for t in self.tiers],
             "shard": dataclasses.asdict(self.shard),
+            "stages": [dataclasses.asdict(s) for s in self.stages],
         }
 
 
@@ -107,12 +129,14 @@ def _parse_op(entry: Any, where: str) -> OpSpec:
 
 def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
     doc = _require_mapping(doc, f"{path}: the top level")
-    allowed = {"name", "description", "seed", "ops", "tiers", "shard"}
+    allowed = {"name", "description", "version", "seed", "ops", "tiers", "shard", "stages"}
     unknown = set(doc) - allowed
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     name = doc.get("name") or Path(path).stem
     seed = doc.get("seed", 0)
+    version = doc.get("version")
+    version = None if version is None else str(version)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{path}: seed must be an integer")
 
@@ -149,10 +173,13 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
 
     shard_raw = dict(_require_mapping(doc.get("shard", {}) or {}, f"{path}: shard"))
     max_samples = shard_raw.pop("max_samples", ShardPolicy.max_samples)
+    max_bytes = shard_raw.pop("max_bytes", None)
     if shard_raw:
-        raise ConfigError(f"{path}: shard: unknown key(s) {sorted(shard_raw)}; known: ['max_samples']")
-    if not isinstance(max_samples, int) or max_samples < 1:
+        raise ConfigError(f"{path}: shard: unknown key(s) {sorted(shard_raw)}; known: ['max_bytes', 'max_samples']")
+    if not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1:
         raise ConfigError(f"{path}: shard.max_samples must be a positive integer")
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1):
+        raise ConfigError(f"{path}: shard.max_bytes must be a positive integer (bytes)")
 
     from .rawshards import READ_COLUMNS
     from .tiers.routing import check_rules  # late import: routing uses TierRule from here
@@ -160,7 +187,32 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
     produced = {c for c in READ_COLUMNS if c not in ("image_bytes", "doc_sha256")} | {"dup_of"}
     produced |= {out for spec in map_ops for out in spec.cls.outputs}
     check_rules(tuple(tiers), produced)
-    return PipelineConfig(name, path, seed, tuple(map_ops), tuple(global_ops), tuple(tiers), ShardPolicy(max_samples))
+    stages = _parse_stages(doc.get("stages") or [], set(names), path)
+    return PipelineConfig(name, path, seed, version, tuple(map_ops), tuple(global_ops), tuple(tiers),
+                          ShardPolicy(max_samples, max_bytes), stages)
+
+
+def _parse_stages(raw: Any, tier_names: set[str], path: str) -> tuple[Stage, ...]:
+    """stages: [{name, mix: [{tier, strategy}]}]: which tiers a training stage reads, and how much."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: 'stages' must be a list of {{name, mix}}")
+    stages = []
+    for i, st in enumerate(raw):
+        st = _require_mapping(st, f"{path}: stages[{i}]")
+        if set(st) - {"name", "mix"} or not isinstance(st.get("name"), str) or not isinstance(st.get("mix"), list) or not st["mix"]:
+            raise ConfigError(f"{path}: stages[{i}] needs 'name' and a non-empty 'mix' list (and nothing else)")
+        mix = []
+        for j, m in enumerate(st["mix"]):
+            m = _require_mapping(m, f"{path}: stages[{i}].mix[{j}]")
+            tier, strategy = m.get("tier"), str(m.get("strategy", "all")).replace(" ", "")
+            if tier not in tier_names:
+                raise ConfigError(f"{path}: stages[{i}] ({st['name']}): unknown tier {tier!r}; tiers are {sorted(tier_names)}")
+            if not STRATEGY.match(strategy) or strategy.endswith("%") and int(strategy.split(":")[1][:-1]) > 100:
+                raise ConfigError(f"{path}: stages[{i}] ({st['name']}): strategy {strategy!r} must be all, first:N, "
+                                  "end:N or random:N (N a count or a percentage up to 100%)")
+            mix.append(MixEntry(tier, strategy))
+        stages.append(Stage(st["name"], tuple(mix)))
+    return tuple(stages)
 
 
 def load(path: str | Path) -> PipelineConfig:

@@ -120,6 +120,7 @@ def sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sourc
     row["source_meta"] = meta.get("meta") if isinstance(meta.get("meta"), str) else None
     media = media_members(row["kind"], files)
     row["media"] = json.dumps(media)
+    row["num_bytes"] = sum(len(files[m]) for m in media)  # all media: what a tier shard will carry
     # The image the image operators look at: the only one, or a document's first.
     row["image_bytes"] = files[media[0]] if media and row["kind"] != "video" else b""
     if row["kind"] == "interleaved":
@@ -131,7 +132,6 @@ def sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sourc
         probe = meta.get("probe") or {}
         row.update({k: probe.get(k) for k in ("duration", "fps", "num_frames", "codec", "width", "height")})
         row["sha256"] = meta.get("sha256")
-        row["num_bytes"] = len(files[media[0]]) if media else None
         if not media and row["status"] == "kept":
             row.update(status="failed", reason="no_video", error="sample has no mp4/webm member")
     return row

@@ -176,15 +176,37 @@ def run_stage_b(cfg: PipelineConfig, table: pd.DataFrame) -> tuple[pd.DataFrame,
     kept = table[table["status"] == "kept"]
     for rule in cfg.tiers:
         members = kept[kept["tier"] == rule.name]
+        # Seeded order mixes sources, so every shard of a tier is statistically alike.
         order = sorted(members.index, key=lambda i: seeded_rank(cfg.seed, members.at[i, "uid"]))
-        for n, start in enumerate(range(0, len(order), cfg.shard.max_samples)):
+        for n, idx in enumerate(cut_shards(order, members["num_bytes"], cfg.shard)):
             name = f"{rule.name}-{n:06d}"
-            idx = order[start:start + cfg.shard.max_samples]
             table.loc[idx, "shard"] = f"{name}.tar"
             table.loc[idx, "key"] = table.loc[idx, "uid"]
             rows = [{**{k: schemas._plain(v) for k, v in table.loc[i].items()}, **lineage} for i in idx]
             plans.append(ShardPlan(rule.name, name, rows))
     return table, plans
+
+
+# Per-sample overhead in a tar beyond its media: three 512-byte headers, padding, txt, json.
+SAMPLE_OVERHEAD_BYTES = 3072
+
+
+def cut_shards(order: list, num_bytes: pd.Series, policy) -> list[list]:
+    """Consecutive groups of `order` closing at max_samples, or before a sample would push
+    the shard past max_bytes (estimated from media bytes); a lone oversized sample still
+    gets a shard of its own."""
+    shards, current, size = [], [], 0
+    for i in order:
+        b = int(num_bytes.get(i) or 0) + SAMPLE_OVERHEAD_BYTES
+        full = len(current) >= policy.max_samples or (policy.max_bytes and current and size + b > policy.max_bytes)
+        if full:
+            shards.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += b
+    if current:
+        shards.append(current)
+    return shards
 
 
 # ---------------------------------------------------------------------------- stage C
@@ -226,13 +248,14 @@ def run_stage_c(cfg: PipelineConfig, plans: list[ShardPlan], out: Path, raw_dir:
     for rule in cfg.tiers:
         tier_dir = tiers_dir / rule.name
         tier_dir.mkdir(parents=True, exist_ok=True)
-        manifests[rule.name] = write_manifest(tier_dir, rule.name, cfg.name, cfg.config_hash, cfg.seed, entries[rule.name])
+        manifests[rule.name] = write_manifest(tier_dir, rule.name, cfg, entries[rule.name])
     return manifests
 
 
 # ---------------------------------------------------------------------------- driver
 def _check_run_identity(work: Path, cfg: PipelineConfig, shards: list[Path], raw_dir: Path) -> None:
-    identity = {"pipeline": cfg.name, "config_hash": cfg.config_hash, "input": str(raw_dir.resolve()),
+    identity = {"pipeline": cfg.name, "pipeline_path": str(Path(cfg.path).resolve()),
+                "config_hash": cfg.config_hash, "input": str(raw_dir.resolve()),
                 "raw_shards": {p.name: p.stat().st_size for p in shards}}
     marker = work / "run.json"
     if marker.exists():

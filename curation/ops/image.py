@@ -72,7 +72,10 @@ class DecodeImage(MapOp):
             digests.append(digest)
         live["_image"] = images
         live["width"], live["height"] = widths, heights
-        live["image_format"], live["num_bytes"], live["sha256"] = formats, sizes, digests
+        live["image_format"], live["sha256"] = formats, digests
+        # num_bytes counts all of a sample's media (set when read); only fill it if absent
+        live["num_bytes"] = live["num_bytes"].where(live["num_bytes"].notna(), pd.Series(sizes, index=live.index)) \
+            if "num_bytes" in live.columns else sizes
         if "doc_sha256" in live.columns:  # a document's identity is all of its images
             live["sha256"] = live["doc_sha256"].where(live["doc_sha256"].notna(), live["sha256"])
         return live

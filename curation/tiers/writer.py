@@ -105,13 +105,14 @@ def shard_entry(tar_path: Path) -> dict:
             "bytes": tar_path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def write_manifest(tier_dir: Path, tier: str, pipeline: str, config_hash: str, seed: int, entries: list[dict]) -> dict:
+def write_manifest(tier_dir: Path, tier: str, cfg, entries: list[dict]) -> dict:
     manifest = {
         "tier": tier,
-        "pipeline": pipeline,
-        "config_hash": config_hash,
+        "pipeline": cfg.name,
+        "config_hash": cfg.config_hash,
+        "recipe_version": cfg.version,
         "curation_version": __version__,
-        "seed": seed,
+        "seed": cfg.seed,
         "num_samples": sum(e["samples"] for e in entries),
         "num_bytes": sum(e["bytes"] for e in entries),
         "shards": sorted(entries, key=lambda e: e["name"]),
