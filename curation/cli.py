@@ -84,6 +84,16 @@ def cmd_run(args) -> None:
     _print_summary(summary, Path(args.out))
 
 
+def cmd_export(args) -> None:
+    from .tiers.export import export_llava
+
+    result = export_llava(args.root, args.tier, args.out, sampling_strategy=args.sampling_strategy)
+    print(f"exported {result['records']} samples ({result['files']} media files) of tier {args.tier}")
+    print(f"  conversations: {result['json']}")
+    print(f"  data yaml:     {result['yaml']}")
+    print(f"  image_folder:  {Path(args.out) / 'images'}   video_folder: {Path(args.out) / 'videos'}")
+
+
 def cmd_plan(args) -> None:
     from . import config
     from .catalog import find_run_root
@@ -198,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder; running again on it resumes")
     r.add_argument("--ray-address", help="Ray cluster address (default: start Ray locally)")
     r.set_defaults(func=cmd_run)
+
+    ex = sub.add_parser("export", help="export a tier for another trainer (llava: LLaVA-NeXT conversation JSON + YAML)")
+    ex.add_argument("format", choices=["llava"])
+    ex.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
+    ex.add_argument("--tier", required=True)
+    ex.add_argument("--out", required=True, help="folder for the JSON, YAML and media")
+    ex.add_argument("--sampling-strategy", default="all", help="written into the YAML (all, first:N, end:N, random:N)")
+    ex.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plan", help="resolve the pipeline's training stages over an output; print the token bill")
     pl.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")

@@ -28,7 +28,7 @@ from PIL import Image
 from ..fsutil import atomic_write_text
 from . import scenes
 
-CORPUS_VERSION = "2"
+CORPUS_VERSION = "3"
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,8 @@ def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
 
 def _phrase(obj: Obj) -> str:
     where = "in the middle" if obj.slot == "middle" else f"on the {obj.slot}"
-    return f"a {obj.colour} {obj.shape} {where}"
+    article = "an" if obj.colour[0] in "aeiou" else "a"
+    return f"{article} {obj.colour} {obj.shape} {where}"
 
 
 def caption(scene: Scene, rng: random.Random) -> str:

@@ -1,0 +1,115 @@
+"""Tier mechanics: shard cutting, sampling strategies, token arithmetic, stage plans."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from curation import config
+from curation.config import ShardPolicy
+from curation.errors import ConfigError
+from curation.runner import SAMPLE_OVERHEAD_BYTES, cut_shards
+from curation.tiers.plan import select
+from curation.tokens import anyres_grid, anyres_tokens, visual_tokens
+
+from .conftest import curate
+
+
+def test_cut_by_samples_and_bytes():
+    sizes = pd.Series([1000] * 10)
+    assert [len(s) for s in cut_shards(list(range(10)), sizes, ShardPolicy(max_samples=4))] == [4, 4, 2]
+    budget = 3 * (1000 + SAMPLE_OVERHEAD_BYTES)
+    assert [len(s) for s in cut_shards(list(range(10)), sizes, ShardPolicy(max_samples=100, max_bytes=budget))] == [3, 3, 3, 1]
+    huge = pd.Series([10**9, 5])
+    assert cut_shards([0, 1], huge, ShardPolicy(max_samples=9, max_bytes=100)) == [[0], [1]]  # a lone giant still ships
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    ("all", list(range(10))), ("first:3", [0, 1, 2]), ("end:2", [8, 9]), ("first:50%", [0, 1, 2, 3, 4]),
+    ("end:0", []), ("first:100", list(range(10))),
+])
+def test_strategies(strategy, expected):
+    frame = pd.DataFrame({"i": range(10)})
+    assert select(frame, strategy, "s")["i"].tolist() == expected
+
+
+def test_random_strategy_is_seeded_and_ordered():
+    frame = pd.DataFrame({"i": range(100)})
+    a, b = select(frame, "random:10%", "seed/stage/tier"), select(frame, "random:10%", "seed/stage/tier")
+    c = select(frame, "random:10%", "other")
+    assert a["i"].tolist() == b["i"].tolist() != c["i"].tolist()
+    assert len(a) == 10 and a["i"].is_monotonic_increasing
+
+
+def test_anyres_tokens():
+    assert anyres_grid(384, 384) == (1, 1) and anyres_tokens(384, 384) == 729 + 27 + 729
+    assert anyres_grid(768, 384) == (2, 1)
+    assert anyres_grid(1920, 1080) == (5, 3)
+    big = anyres_tokens(2304, 2304)  # 6x6 grid, downsampled to 9 tiles' worth
+    assert 729 * 10 <= big <= 729 * 10 + 100
+    assert all(anyres_tokens(w, h) <= 729 * 10 + 100 for w in (100, 1000, 5000) for h in (100, 1000, 5000))
+    assert visual_tokens("interleaved", 10, 10, 3, None) == (3, 0, 3 * 729)
+    assert visual_tokens("video", 96, 96, None, 100) == (0, 32, 32 * 196)
+
+
+def test_bad_stage_strategy_is_a_config_error(tmp_path):
+    from curation.paths import bundled_pipeline
+
+    doc = bundled_pipeline("demo").read_text().replace('strategy: "random:25%"', 'strategy: "some:25%"')
+    path = tmp_path / "p.yaml"
+    path.write_text(doc)
+    with pytest.raises(ConfigError, match="strategy 'some:25%'"):
+        config.load(path)
+    path.write_text(bundled_pipeline("demo").read_text().replace("{tier: video,", "{tier: videos,"))
+    with pytest.raises(ConfigError, match="unknown tier 'videos'"):
+        config.load(path)
+
+
+@pytest.mark.slow
+def test_plan_on_the_demo(demo_out, tmp_path):
+    out = tmp_path / "plan.json"
+    proc = curate("plan", "--root", demo_out, "--out", out)
+    assert "stage2_onevision" in proc.stdout and "visual tok" in proc.stdout
+    plan = json.loads(out.read_text())
+    again = json.loads(curate("plan", "--root", demo_out, "--out", tmp_path / "again.json") and
+                       (tmp_path / "again.json").read_text())
+    assert plan == again  # deterministic
+    stages = {s["name"]: s for s in plan["stages"]}
+    ov = {m["tier"]: m for m in stages["stage2_onevision"]["mix"]}
+    kept = pd.read_parquet(demo_out / "curated" / "ledger.parquet").query("status == 'kept'")["tier"].value_counts()
+    assert ov["captioned_detail"]["samples"] == round(kept["captioned_detail"] * 0.25)
+    assert sum(len(keys) for keys in ov["captioned_detail"]["shards"].values()) == ov["captioned_detail"]["samples"]
+    assert ov["documents"]["shards"] and all(v is None for v in ov["documents"]["shards"].values())  # all: whole shards
+    assert ov["video"]["frames"] == 16 * ov["video"]["samples"] and ov["video"]["visual_tokens"] == 196 * ov["video"]["frames"]
+    assert ov["documents"]["visual_tokens"] == 729 * ov["documents"]["images"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tier", ["alignment", "documents", "video"])
+def test_llava_export_round_trips(demo_out, tmp_path, tier):
+    import av
+    import yaml
+    from PIL import Image
+
+    out = tmp_path / "llava"
+    curate("export", "llava", "--root", demo_out, "--tier", tier, "--out", out, "--sampling-strategy", "random:50%")
+    records = json.loads((out / f"{tier}.json").read_text())
+    manifest = json.loads((demo_out / "curated" / "tiers" / tier / "manifest.json").read_text())
+    assert len(records) == manifest["num_samples"] and len({r["id"] for r in records}) == len(records)
+    data_yaml = yaml.safe_load((out / f"{tier}.yaml").read_text())
+    assert data_yaml["datasets"] == [{"json_path": str((out / f"{tier}.json").resolve()), "sampling_strategy": "random:50%"}]
+    for r in records:
+        turns = r["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and turns[-1]["value"]
+        placeholders = sum(t["value"].count("<image>") for t in turns if t["from"] == "human")
+        if "video" in r:
+            assert placeholders == 1
+            with av.open(str(out / "videos" / r["video"])) as container:
+                assert next(container.decode(video=0)).width > 0
+        else:
+            images = [r["image"]] if isinstance(r["image"], str) else r["image"]
+            assert placeholders == len(images) >= 1  # every <image> has its image, and back
+            for rel in images:
+                assert Image.open(out / "images" / rel).size[0] > 0
+    if tier == "alignment":  # the demo's question/answer pairs became multi-turn conversations
+        assert any(len(r["conversations"]) > 2 for r in records)
