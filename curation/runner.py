@@ -32,6 +32,7 @@ from .crawl import CRAWL_LEDGER_GLOB
 from .errors import AccountingError, ConfigError, InputError
 from .fsutil import atomic_write_text
 from .ids import seeded_rank
+from .runtime.ray_env import READ_TASK_CPUS
 from .rawshards import READ_COLUMNS, iter_samples, list_raw_shards, sample_row, scan_keys
 from .tiers import routing
 from .tiers.writer import shard_entry, write_manifest, write_shard
@@ -101,7 +102,7 @@ def _progress(total: int, desc: str):
 def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int], work: Path, source: str) -> None:
     import ray.data
 
-    from .runtime.ray_env import pool_size
+    from .runtime.ray_env import cluster_cpus, cluster_gpus, plan_pools
 
     annotated = work / "annotated"
     annotated.mkdir(parents=True, exist_ok=True)
@@ -113,12 +114,15 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     if not todo:
         return
     ds = ray.data.from_items([{"path": str(p), "source": source} for p in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(read_raw_shards, batch_size=1, num_cpus=0.25)
-    for stage in fuse(cfg.map_ops):
+    ds = ds.map_batches(read_raw_shards, batch_size=1, num_cpus=READ_TASK_CPUS)
+    stages = fuse(cfg.map_ops)
+    sizes = plan_pools([s[0].resources for s in stages], cluster_cpus(), cluster_gpus(),
+                       heavy=[not s[0].cls.fusable for s in stages])
+    for stage, size in zip(stages, sizes):
         res = stage[0].resources
         ds = ds.map_batches(
             StageActor, fn_constructor_kwargs={"specs": stage}, batch_format="pandas",
-            batch_size=res.batch_size, concurrency=pool_size(res.num_cpus, res.num_gpus, res.concurrency),
+            batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         )
     ds = ds.drop_columns(["image_bytes"])

@@ -75,7 +75,17 @@ def test_duplicates_removed_and_originals_kept(outcomes):
     assert dup_of.isin(outcomes.loc[outcomes["status"] == "kept", "uid"]).all()
 
 
-IMAGE_TIERS = ("alignment", "captioned_detail")
+IMAGE_TIERS = ("alignment", "captioned_detail", "ocr_rich")
+
+
+def test_ocr_routes_the_signs(outcomes, run_root):
+    signs = outcomes[(outcomes["planted"] == "text_sign") & (outcomes["status"] == "kept")]
+    assert len(signs) > 0 and (signs["tier"] == "ocr_rich").mean() >= 0.9  # OCR read the words
+    in_tier = outcomes[outcomes["tier"] == "ocr_rich"]
+    assert (in_tier["planted"] == "text_sign").mean() >= 0.75
+    side = pq.read_table(sorted((run_root / "tiers" / "ocr_rich").glob("*.parquet"))[0]).to_pandas()
+    assert side["ocr_text"].str.len().min() >= 3 and side["ocr_model"].str.startswith("rapidocr-").all()
+    assert (side["language"] == "en").mean() > 0.9
 
 
 def tier_tars(run_root, tiers=None):

@@ -113,3 +113,20 @@ def test_llava_export_round_trips(demo_out, tmp_path, tier):
                 assert Image.open(out / "images" / rel).size[0] > 0
     if tier == "alignment":  # the demo's question/answer pairs became multi-turn conversations
         assert any(len(r["conversations"]) > 2 for r in records)
+
+
+def test_actor_pools_always_fit_the_cluster():
+    from curation.errors import CurationError
+    from curation.ops.base import Resources
+    from curation.runtime.ray_env import READ_TASK_CPUS, plan_pools
+
+    three = [Resources(num_cpus=0.5)] * 3  # the case that used to hang on 2 CPUs
+    sizes = plan_pools(three, cpus=2, gpus=0)
+    assert sum(s * 0.5 for s in sizes) <= 2 - READ_TASK_CPUS and min(sizes) >= 1
+    assert plan_pools([Resources(num_cpus=0.5)], cpus=16, gpus=0) == [31]
+    # the demo's shape on 2 CPUs: fused CPU ops, OCR (a model), language (cheap)
+    demo = [Resources(num_cpus=0.5), Resources(num_cpus=0.5), Resources(num_cpus=0.25)]
+    assert plan_pools(demo, cpus=2, gpus=0, heavy=[False, True, False]) == [1, 2, 1]
+    assert plan_pools([Resources(num_cpus=0.25), Resources(num_cpus=1, num_gpus=0.5)], cpus=8, gpus=2)[1] == 4
+    with pytest.raises(CurationError, match="need 3 CPUs at once"):
+        plan_pools([Resources(num_cpus=1, concurrency=3)], cpus=2, gpus=0)

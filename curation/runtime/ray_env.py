@@ -59,11 +59,40 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def pool_size(num_cpus: float, num_gpus: float, requested: int | None) -> int:
-    """Actors for one stage: what was asked for, else one per GPU share on GPU stages,
-    else one per CPU (each taking a fraction, so read tasks still get scheduled)."""
-    if requested:
-        return requested
-    if num_gpus > 0:
-        return max(1, int(cluster_gpus() / num_gpus))
-    return max(1, int(cluster_cpus()))
+READ_TASK_CPUS = 0.25  # what a raw-shard read task asks for
+
+
+def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None = None) -> list[int]:
+    """Actors per stage, so that every pool can be placed at once with room left for the
+    read tasks. Ray Data actor pools are fixed-size: a pool that cannot be placed never
+    starts and the whole job waits for it forever (on 2 CPUs, three stages of two
+    half-CPU actors plus the readers is exactly that). Every CPU stage gets one actor;
+    the CPU left over goes to the `heavy` (model) stages first, one actor at a time."""
+    budget = cpus - READ_TASK_CPUS
+    cpu_stages = [r for r in stages if r.num_gpus == 0 and not r.concurrency]
+    fixed = sum(r.concurrency * r.num_cpus for r in stages if r.concurrency)
+    minimum = fixed + sum(r.num_cpus for r in cpu_stages) + sum(r.num_cpus for r in stages if r.num_gpus and not r.concurrency)
+    if minimum > budget + 1e-9:
+        raise CurationError(f"the pipeline's actor stages need {minimum:g} CPUs at once but the cluster has {cpus:g} "
+                            f"(minus {READ_TASK_CPUS} for reading): lower their num_cpus or concurrency")
+    sizes = []
+    for r in stages:
+        if r.concurrency:
+            sizes.append(r.concurrency)
+        elif r.num_gpus > 0:
+            sizes.append(max(1, int(gpus / r.num_gpus)))
+        else:
+            sizes.append(1)
+    spare = budget - minimum
+    heavy = heavy or [False] * len(stages)
+    growable = [i for i, r in enumerate(stages) if r.num_gpus == 0 and not r.concurrency and r.num_cpus > 0]
+    for group in ([i for i in growable if heavy[i]], [i for i in growable if not heavy[i]]):
+        grew = True
+        while grew:
+            grew = False
+            for i in group:
+                if stages[i].num_cpus <= spare + 1e-9:
+                    sizes[i] += 1
+                    spare -= stages[i].num_cpus
+                    grew = True
+    return sizes
