@@ -186,7 +186,7 @@ def run_stage_b(cfg: PipelineConfig, table: pd.DataFrame) -> tuple[pd.DataFrame,
             name = f"{rule.name}-{n:06d}"
             table.loc[idx, "shard"] = f"{name}.tar"
             table.loc[idx, "key"] = table.loc[idx, "uid"]
-            rows = [{**{k: schemas._plain(v) for k, v in table.loc[i].items()}, **lineage} for i in idx]
+            rows = [{**{k: schemas.plain_value(v) for k, v in table.loc[i].items()}, **lineage} for i in idx]
             plans.append(ShardPlan(rule.name, name, rows))
     return table, plans
 

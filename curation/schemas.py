@@ -88,21 +88,21 @@ def validate_document(name: str, doc: dict) -> None:
     validate_rows(name, [doc])
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """pandas/numpy values -> plain Python (NaN and NA -> None) for validation."""
     if value is None or value is pd.NA or value is pd.NaT:
         return None
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, np.generic):
-        return _plain(value.item())
+        return plain_value(value.item())
     return value
 
 
 def records(df: pd.DataFrame, name: str) -> list[dict[str, Any]]:
     """Rows of `df` restricted to contract `name`'s columns, as plain Python values."""
     cols = [c for c in columns(name) if c in df.columns]
-    return [{c: _plain(v) for c, v in zip(cols, row)} for row in df[cols].itertuples(index=False, name=None)]
+    return [{c: plain_value(v) for c, v in zip(cols, row)} for row in df[cols].itertuples(index=False, name=None)]
 
 
 def to_table(name: str, rows: list[dict[str, Any]] | pd.DataFrame) -> pa.Table:
@@ -110,7 +110,7 @@ def to_table(name: str, rows: list[dict[str, Any]] | pd.DataFrame) -> pa.Table:
     if isinstance(rows, pd.DataFrame):
         rows = records(rows, name)
     else:
-        rows = [{k: _plain(v) for k, v in r.items()} for r in rows]
+        rows = [{k: plain_value(v) for k, v in r.items()} for r in rows]
     validate_rows(name, rows)
     schema = arrow_schema(name)
     return pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
