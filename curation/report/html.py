@@ -69,6 +69,27 @@ def _distributions(con):
     return _png(fig)
 
 
+def _text_and_language(con):
+    """Share of kept images with OCR text per tier, and kept samples per language (when
+    the pipeline ran those operators)."""
+    cols = {r[0] for r in con.sql("DESCRIBE samples").fetchall()}
+    if not {"ocr_text", "language"} & cols:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+    if "ocr_text" in cols:
+        rows = con.sql("SELECT tier, avg(CASE WHEN length(coalesce(ocr_text, '')) >= 3 THEN 1 ELSE 0 END) "
+                       "FROM samples WHERE kind <> 'video' GROUP BY tier ORDER BY tier").fetchall()
+        axes[0].bar([r[0] for r in rows], [r[1] for r in rows], color="#00838f")
+        axes[0].set_ylim(0, 1)
+        axes[0].set_title("share of images with OCR text")
+        axes[0].tick_params(axis="x", rotation=20)
+    if "language" in cols:
+        rows = con.sql("SELECT coalesce(language, 'unknown'), count(*) FROM samples GROUP BY 1 ORDER BY 2 DESC LIMIT 12").fetchall()
+        axes[1].bar([r[0] for r in rows], [r[1] for r in rows], color="#5d4037")
+        axes[1].set_title("kept samples by language")
+    return _png(fig)
+
+
 def _near_dup_distances(con):
     rows = con.sql("""
         SELECT bit_count(xor(('0x' || d.phash)::UBIGINT, ('0x' || k.phash)::UBIGINT)) AS bits
@@ -102,6 +123,7 @@ def write_report(root: str | Path) -> Path:
         ("Outcomes", _outcomes(con)),
         ("Tiers", _tiers(con)),
         ("Kept samples", _distributions(con)),
+        ("Text in images and languages", _text_and_language(con)),
         ("Near-duplicate distances", _near_dup_distances(con)),
     ]
     body = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{img}'>" for t, img in sections if img)
