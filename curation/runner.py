@@ -15,7 +15,6 @@ in every tier shard as an uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -30,7 +29,7 @@ from . import schemas
 from .config import OpSpec, PipelineConfig
 from .crawl import CRAWL_LEDGER_GLOB
 from .errors import AccountingError, ConfigError, InputError
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_parquet, atomic_write_text
 from .ids import seeded_rank
 from .runtime.ray_env import READ_TASK_CPUS
 from .rawshards import READ_COLUMNS, iter_samples, list_raw_shards, sample_row, scan_keys
@@ -146,10 +145,7 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
 
 
 def _commit_annotated(path: Path, frame: pd.DataFrame) -> None:
-    frame = frame.sort_values("raw_key", kind="stable").reset_index(drop=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write_parquet(frame.sort_values("raw_key", kind="stable").reset_index(drop=True), path)
 
 
 # ---------------------------------------------------------------------------- stage B
@@ -342,10 +338,7 @@ def run_pipeline(cfg: PipelineConfig, raw_dir: str | Path, out: str | Path, ray_
 
     ledger = build_ledger(table, raw_dir)
     by_status = check_accounting(ledger, sum(counts.values()))
-    ledger_table = schemas.to_table("ledger", ledger)
-    tmp = out / "ledger.parquet.tmp"
-    pq.write_table(ledger_table, tmp)
-    os.replace(tmp, out / "ledger.parquet")
+    atomic_write_parquet(schemas.to_table("ledger", ledger), out / "ledger.parquet")
 
     summary = {
         "pipeline": cfg.name,

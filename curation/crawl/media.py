@@ -26,12 +26,12 @@ from typing import Callable
 import pandas as pd
 
 from ..errors import InputError
-from ..fsutil import atomic_write_bytes, atomic_write_text
+from ..fsutil import atomic_write_bytes, atomic_write_parquet, atomic_write_text
 from ..ids import make_uid
 from ..wds import tar_bytes
 from .fetch import FetchPolicy, fetch
 from .image_text import valid_url
-from .rounds import crawl_in_rounds, write_parquet_atomic
+from .rounds import crawl_in_rounds
 from .sources import read_url_list
 
 
@@ -189,7 +189,7 @@ def _run_round(round_dir: Path, prefix: str, out_dir: Path, fetch_one: Callable[
                 {"count": len(rows), "successes": int((frame["status"] == "kept").sum()),
                  "status_dict": {("kept" if s == "kept" else f"{s}:{r}"): int(n) for (s, r), n in stats.items()}},
                 indent=2))
-            write_parquet_atomic(frame, out_dir / f"{name}.parquet")  # last: marks the shard done
+            atomic_write_parquet(frame, out_dir / f"{name}.parquet")  # last: marks the shard done
 
 
 def crawl_media(kind: str, input_path: str | Path, out_dir: str | Path, *, url_col: str | None = None,

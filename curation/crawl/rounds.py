@@ -18,26 +18,18 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from .. import schemas
 from ..errors import AccountingError, InputError
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_parquet, atomic_write_text
 from . import ledger_name
 
 RESULT_COLUMNS = ["uid", "raw_key", "raw_shard", "status", "reason", "error", "transient"]
-
-
-def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def fix_input(items: pd.DataFrame, out_dir: Path, kind: str) -> None:
@@ -51,7 +43,7 @@ def fix_input(items: pd.DataFrame, out_dir: Path, kind: str) -> None:
             raise InputError(f"{out_dir} holds a {kind} crawl of a different input; use a new --out folder")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(items, path)
+    atomic_write_parquet(items, path)
 
 
 def round_dirs(out_dir: Path, kind: str) -> list[Path]:
@@ -106,7 +98,7 @@ def crawl_in_rounds(items: pd.DataFrame, valid: pd.Series, out_dir: Path, kind: 
     if not todo.empty:
         round_dir = out_dir / "_rounds" / kind / f"r{len(rounds):03d}"
         round_dir.mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(todo, round_dir / "items.parquet")
+        atomic_write_parquet(todo, round_dir / "items.parquet")
         run_round(round_dir, shard_prefix(kind, round_dir))
         atomic_write_text(round_dir / "_DONE", "")
         latest = latest_outcomes(out_dir, kind, read_shard)
@@ -126,9 +118,7 @@ def write_ledger(items: pd.DataFrame, valid: pd.Series, latest: pd.DataFrame, ou
     ledger = pd.concat([bad, got], ignore_index=True).set_index("uid").loc[items["uid"]].reset_index()
     if len(ledger) != len(items) or not ledger["uid"].is_unique:
         raise AccountingError(f"crawl ledger has {len(ledger)} rows for {len(items)} inputs")
-    tmp = out_dir / (ledger_name(kind) + ".tmp")
-    pq.write_table(schemas.to_table("ledger", ledger), tmp)
-    os.replace(tmp, out_dir / ledger_name(kind))
+    atomic_write_parquet(schemas.to_table("ledger", ledger), out_dir / ledger_name(kind))
     counts = ledger["status"].value_counts().to_dict()
     transient = int(ledger["transient"].eq(True).sum()) if "transient" in ledger else 0
     atomic_write_text(out_dir / f"_SUCCESS-{kind}", json.dumps(

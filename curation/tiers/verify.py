@@ -7,9 +7,7 @@ order, a tier whose counts disagree with the ledger.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tarfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,25 +15,9 @@ import pyarrow.parquet as pq
 
 from .. import schemas
 from ..catalog import find_run_root
-from ..rawshards import split_member
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _tar_keys(path: Path) -> list[str]:
-    keys: list[str] = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _ = split_member(member.name)
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    return keys
+from ..errors import InputError
+from ..fsutil import file_sha256
+from ..rawshards import scan_keys
 
 
 def verify(root: str | Path) -> tuple[int, list[str]]:
@@ -71,15 +53,15 @@ def verify(root: str | Path) -> tuple[int, list[str]]:
                 continue
             if tar.stat().st_size != shard["bytes"]:
                 problems.append(f"{where}: {tar.stat().st_size} bytes, manifest says {shard['bytes']}")
-            if _sha256(tar) != shard["sha256"]:
+            if file_sha256(tar) != shard["sha256"]:
                 problems.append(f"{where}: sha256 differs from the manifest (content changed)")
                 continue
             keys = pq.read_table(sidecar, columns=["key"]).column("key").to_pylist()
             if len(keys) != shard["samples"]:
                 problems.append(f"{where}: sidecar has {len(keys)} rows, manifest says {shard['samples']}")
             try:
-                if _tar_keys(tar) != keys:
+                if scan_keys(tar) != keys:
                     problems.append(f"{where}: sidecar rows are not the tar's samples in the tar's order")
-            except (tarfile.TarError, OSError) as exc:
-                problems.append(f"{where}: unreadable tar: {exc}")
+            except InputError as exc:
+                problems.append(f"{where}: {exc}")
     return checked, problems

@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import __version__, schemas
-from ..fsutil import atomic_write_bytes, atomic_write_text
+from ..fsutil import atomic_write_bytes, atomic_write_parquet, atomic_write_text, file_sha256
 from ..wds import tar_bytes
 from ..rawshards import iter_samples
 
@@ -87,22 +86,16 @@ def write_shard(tar_path: str, rows: list[dict], raw_dir: str) -> dict:
 
     atomic_write_bytes(tar_path, data)
     sidecar = tar_path.with_suffix(".parquet")
-    tmp_side = sidecar.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp_side)
-    os.replace(tmp_side, sidecar)
+    atomic_write_parquet(table, sidecar)
     return {"name": tar_path.name, "sidecar": sidecar.name, "samples": len(rows), "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def shard_entry(tar_path: Path) -> dict:
     """Manifest entry for a shard already on disk."""
-    h = hashlib.sha256()
-    with open(tar_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     samples = pq.ParquetFile(tar_path.with_suffix(".parquet")).metadata.num_rows
     return {"name": tar_path.name, "sidecar": tar_path.with_suffix(".parquet").name, "samples": samples,
-            "bytes": tar_path.stat().st_size, "sha256": h.hexdigest()}
+            "bytes": tar_path.stat().st_size, "sha256": file_sha256(tar_path)}
 
 
 def write_manifest(tier_dir: Path, tier: str, cfg, entries: list[dict]) -> dict:
