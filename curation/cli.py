@@ -45,6 +45,10 @@ def cmd_demo(args) -> None:
     summary = run_demo(out, small=args.small, ray_address=args.ray_address, samples_per_shard=args.samples_per_shard)
     _print_summary(summary, out / "curated")
     print(f"  report:  {summary['report']}")
+    q = summary.get("clip_filter")
+    if q:
+        print(f"\nCLIP filter vs the planted mismatched captions: precision {q['precision']:.1%}, recall "
+              f"{q['recall']:.1%} (chance precision {q['base_rate']:.1%}); score AUC true vs mismatched {q['auc']}")
     print(f"\ndemo finished in {summary['demo_seconds']} s")
 
 
@@ -122,6 +126,25 @@ def cmd_verify(args) -> int:
         return 1
     print(f"OK: {checked} shards match their manifests and sidecars")
     return 0
+
+
+def cmd_train_filter(args) -> None:
+    from .clipfilter import train_filter
+
+    shards: list[Path] = []
+    for given in args.shards:
+        path = Path(given)
+        found = sorted(path.glob("*.tar")) if path.is_dir() else sorted(Path().glob(given)) if any(c in given for c in "*?[") else [path]
+        shards += [p for p in found if p.is_file()]
+    if not shards:
+        raise CurationError(f"no trusted shards found in {' '.join(args.shards)} (give .tar files, globs or folders)")
+    info = train_filter(shards, Path(args.out), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    m = info["metrics"]
+    print(f"trained on {info['pairs']['train']} trusted pairs in {info['seconds']}s; held-out "
+          f"{info['pairs']['held_out']} pairs: AUC {m['auc']}, matched mean {m['matched_mean']}, "
+          f"mismatched mean {m['mismatched_mean']}, calibrated min_score {m['min_score']}")
+    print(f"model: {args.out}  (use it in a pipeline: - op: clip_score, model: {args.out}, min_score: calibrated)")
 
 
 def cmd_report(args) -> None:
@@ -226,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="recheck every tier shard against its manifest (sha256, size, counts, order)")
     v.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
     v.set_defaults(func=cmd_verify)
+
+    tf = sub.add_parser("train-filter", help="train a small CLIP on trusted image-caption shards (DFN-style filter)")
+    tf.add_argument("--shards", nargs="+", required=True,
+                    help="trusted WebDataset tars (image + txt per sample): files, globs or folders")
+    tf.add_argument("--out", required=True, help="model folder (open_clip local-dir: config, weights, calibration)")
+    tf.add_argument("--epochs", type=int, default=12)
+    tf.add_argument("--batch-size", type=int, default=128)
+    tf.add_argument("--lr", type=float, default=2e-3)
+    tf.add_argument("--seed", type=int, default=0)
+    tf.set_defaults(func=cmd_train_filter)
 
     rp = sub.add_parser("report", help="write report.html (plots of outcomes, tiers, distributions) for a run")
     rp.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")

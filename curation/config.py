@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,15 @@ class OpSpec:
     cls: type[Operator]
     params: Any
     resources: Resources | None  # None for global operators
+    # The options as written, before ${VAR} expansion: the recipe's identity does not
+    # depend on where a model happens to live (the sidecar records the model itself).
+    written: dict | None = None
 
     def build(self) -> Operator:
         return self.cls(self.params)
 
     def describe(self) -> dict:
-        d = {"op": self.name, "version": self.cls.version, **dataclasses.asdict(self.params)}
+        d = {"op": self.name, "version": self.cls.version, **dataclasses.asdict(self.params), **(self.written or {})}
         if self.resources is not None:
             d["resources"] = dataclasses.asdict(self.resources)
         return d
@@ -119,12 +123,32 @@ def _parse_op(entry: Any, where: str) -> OpSpec:
         raise ConfigError(f"{where}: unknown operator '{name}'; known: {', '.join(sorted(ops))}")
     cls = ops[name]
     res_overrides = _require_mapping(entry.pop("resources", {}) or {}, f"{where}.resources")
-    params = cls.parse_params(entry, where)
+    written = {k: v for k, v in entry.items() if isinstance(v, str) and ENV_REF.search(v)}
+    params = cls.parse_params({k: _expand_env(v, f"{where}.{k}") for k, v in entry.items()}, where)
     if issubclass(cls, MapOp):
-        return OpSpec(name, cls, params, cls.resources.with_overrides(res_overrides, where))
+        return OpSpec(name, cls, params, cls.resources.with_overrides(res_overrides, where), written)
     if res_overrides:
         raise ConfigError(f"{where} ({name}): a global operator runs on the driver and takes no resources")
-    return OpSpec(name, cls, params, None)
+    return OpSpec(name, cls, params, None, written)
+
+
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    """`${NAME}` in a string option is the environment variable NAME (only that: no
+    other substitution, nothing evaluated), so a recipe can point at models that live
+    in different places on different machines."""
+    if not isinstance(value, str):
+        return value
+
+    def sub(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{where} uses ${{{name}}}, but the environment variable {name} is not set")
+        return os.environ[name]
+
+    return ENV_REF.sub(sub, value)
 
 
 def parse(doc: Any, path: str = "<string>") -> PipelineConfig:

@@ -31,6 +31,7 @@ from .crawl import CRAWL_LEDGER_GLOB
 from .errors import AccountingError, ConfigError, InputError
 from .fsutil import atomic_write_parquet, atomic_write_text
 from .ids import seeded_rank
+from .ops.clip import EMBEDDING_COLUMN
 from .runtime.ray_env import READ_TASK_CPUS
 from .rawshards import READ_COLUMNS, iter_samples, list_raw_shards, sample_row, scan_keys
 from .tiers import routing
@@ -38,6 +39,8 @@ from .tiers.writer import shard_entry, write_manifest, write_shard
 
 WORK = "_work"
 INT_COLUMNS = ("width", "height", "num_bytes", "num_images", "num_frames")
+# Working columns that are bytes, never sidecar columns: media, and embeddings (saved as .npy).
+BINARY_COLUMNS = ("image_bytes", EMBEDDING_COLUMN)
 
 
 # ---------------------------------------------------------------------------- stage A
@@ -54,7 +57,7 @@ def _stage_schema(columns: list[str]) -> pa.Schema:
     sidecar = schemas.arrow_schema("sidecar")
     fields = []
     for col in columns:
-        if col == "image_bytes":
+        if col in BINARY_COLUMNS:
             fields.append(pa.field(col, pa.binary()))
         elif col in sidecar.names:
             fields.append(sidecar.field(col))

@@ -6,6 +6,8 @@ Layout under the corpus folder:
   documents.jsonl            interleaved multi-image documents (OBELICS-style)
   videos.parquet             path, caption       (short mp4 clips)
   truth.parquet              path -> planted category, for measuring filters later
+  trusted/trusted-000000.tar fresh scenes with true captions (jpg + txt): the trusted set
+                             `curate train-filter` learns the CLIP filter from
   corpus.json                counts per category and the build parameters
 
 `planted` categories: scene (a true caption), mismatch (caption of another scene),
@@ -25,10 +27,11 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_bytes, atomic_write_text
+from ..wds import tar_bytes
 from . import scenes
 
-CORPUS_VERSION = "3"
+CORPUS_VERSION = "4"
 
 
 @dataclass(frozen=True)
@@ -50,13 +53,14 @@ class CorpusPlan:
     missing: int = 25
     documents: int = 60
     videos: int = 24
+    trusted: int = 1000  # hand-checked pairs, not crawled: what train-filter learns from
 
     @classmethod
     def small(cls) -> "CorpusPlan":
         """A few hundred rows with every category present, for fast tests."""
         return cls(scene=160, mismatch=30, text_sign=20, exact_dup=12, near_dup=12, tiny=5, huge=2,
                    elongated=5, truncated=5, random_bytes=4, html=3, short_caption=6, missing=5,
-                   documents=6, videos=3)
+                   documents=6, videos=3, trusted=400)
 
 
 def _write(root: Path, rel: str, data: bytes) -> str:
@@ -200,8 +204,19 @@ def build(root: str | Path, seed: int = 0, plan: CorpusPlan | None = None) -> di
         videos.append({"path": rel, "caption": f"A {obj.colour} circle moves from {direction}."})
     pd.DataFrame(videos).to_parquet(root / "videos.parquet", index=False)
 
+    # The trusted set: fresh scenes with true captions, as a WebDataset tar, drawn from
+    # their own random stream so the crawled corpus does not change with its size.
+    trusted_rng = random.Random(seed + 1)
+    samples = []
+    for i in range(plan.trusted):
+        sc = scenes.random_scene(trusted_rng, with_word=trusted_rng.random() < 0.1)
+        samples.append((f"trusted{i:06d}", [("jpg", scenes.encode_jpeg(scenes.render(sc))),
+                                            ("txt", scenes.caption(sc, trusted_rng).encode())]))
+    (root / "trusted").mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(root / "trusted" / "trusted-000000.tar", tar_bytes(samples))
+
     counts = table["planted"].value_counts().sort_index().to_dict()
     summary = {"params": params, "image_text_rows": len(table), "planted": counts,
-               "documents": len(docs), "videos": len(videos)}
+               "documents": len(docs), "videos": len(videos), "trusted": plan.trusted}
     atomic_write_text(stamp, json.dumps(summary, indent=2) + "\n")
     return summary

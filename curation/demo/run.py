@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -14,9 +15,15 @@ from ..crawl.image_text import crawl_image_text
 from ..crawl.media import crawl_media
 from ..paths import bundled_pipeline
 from ..report import write_report
+from ..clipfilter import CALIBRATION_FILE, train_filter
 from ..runner import run_pipeline
 from . import corpus
+from .truth import clip_filter_quality
 from .server import serve_directory
+
+
+MODELS_ENV = "CURATION_MODELS"
+FILTER_EPOCHS = 12
 
 
 def run_demo(out: str | Path, small: bool = False, ray_address: str | None = None,
@@ -24,16 +31,16 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
     out = Path(out)
     t0 = time.time()
     plan = corpus.CorpusPlan.small() if small else corpus.CorpusPlan()
-    log(f"[1/3] building the demo corpus in {out / 'corpus'}")
+    log(f"[1/4] building the demo corpus in {out / 'corpus'}")
     info = corpus.build(out / "corpus", plan=plan)
     raw = out / "raw"
     if all((raw / f"_SUCCESS-{kind}").exists() for kind in KINDS):
-        log(f"[2/3] crawl already complete in {raw}")
+        log(f"[2/4] crawl already complete in {raw}")
     else:
         # The demo server is our own on loopback: allow exactly that address, nothing else private.
         loopback = ("127.0.0.1/32",)
         with serve_directory(out / "corpus") as base:
-            log(f"[2/3] crawling {info['image_text_rows']} image urls, {info['documents']} documents and "
+            log(f"[2/4] crawling {info['image_text_rows']} image urls, {info['documents']} documents and "
                 f"{info['videos']} videos from the demo server at {base}")
             urls = pd.read_parquet(out / "corpus" / "image_text.parquet")
             urls.insert(0, "url", base + "/" + urls.pop("path"))
@@ -54,9 +61,21 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
             videos.insert(0, "url", base + "/" + videos.pop("path"))
             videos.to_parquet(out / "videos.parquet", index=False)
             crawl_media("video", out / "videos.parquet", raw, allowed_networks=loopback)
-    log(f"[3/3] curating with {bundled_pipeline('demo')}")
+    # The demo pipeline names its models under ${CURATION_MODELS}: here, OUT/models.
+    models = out / "models"
+    os.environ[MODELS_ENV] = str(models.resolve())
+    clip_dir = models / "clip-filter"
+    if (clip_dir / CALIBRATION_FILE).exists():
+        log(f"[3/4] CLIP filter already trained in {clip_dir}")
+    else:
+        log(f"[3/4] training the CLIP filter on {plan.trusted} trusted pairs (curate train-filter)")
+        info = train_filter(sorted((out / "corpus" / "trusted").glob("*.tar")), clip_dir,
+                            epochs=FILTER_EPOCHS, log=lambda m: log("      " + m))
+        log(f"      held-out AUC {info['metrics']['auc']}, calibrated min_score {info['min_score']}")
+    log(f"[4/4] curating with {bundled_pipeline('demo')}")
     cfg = config.load(bundled_pipeline("demo"))
     summary = run_pipeline(cfg, raw, out / "curated", ray_address=ray_address)
+    summary["clip_filter"] = clip_filter_quality(out)
     summary["report"] = str(write_report(out / "curated"))
     summary["demo_seconds"] = round(time.time() - t0, 2)
     return summary

@@ -114,16 +114,92 @@ class NearDedup(GlobalOp):
         for a, b in near_duplicate_pairs(hashes, self.params.max_hamming):
             neighbours[a].append(b)
             neighbours[b].append(a)
-        claimed = [False] * len(ordered)
-        groups = []
-        for pos in range(len(ordered)):  # preference order: the first unclaimed is a representative
-            if claimed[pos]:
-                continue
-            claimed[pos] = True
-            members = [pos]
-            for other in sorted(neighbours.get(pos, ())):
-                if not claimed[other]:
-                    claimed[other] = True
-                    members.append(other)
-            groups.append([ordered.index[m] for m in members])
+        groups = [[ordered.index[m] for m in star] for star in star_clusters(len(ordered), neighbours)]
         return _mark_duplicates(table, groups, "duplicate_near")
+
+
+def star_clusters(n: int, neighbours: dict[int, list[int]]) -> list[list[int]]:
+    """Positions 0..n-1 in preference order: the first unclaimed position becomes a
+    representative and claims its unclaimed neighbours. Returns [rep, *members] lists."""
+    claimed = [False] * n
+    groups = []
+    for pos in range(n):
+        if claimed[pos]:
+            continue
+        claimed[pos] = True
+        members = [pos]
+        for other in sorted(neighbours.get(pos, ())):
+            if not claimed[other]:
+                claimed[other] = True
+                members.append(other)
+        groups.append(members)
+    return groups
+
+
+def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 20) -> np.ndarray:
+    """Spherical k-means (cosine) on unit rows; returns a cluster label per row."""
+    rng = np.random.default_rng(seed)
+    centroids = x[rng.choice(len(x), size=k, replace=False)]
+    labels = np.zeros(len(x), dtype=np.int64)
+    for _ in range(iters):
+        labels = np.argmax(x @ centroids.T, axis=1)
+        for c in range(k):
+            members = x[labels == c]
+            if len(members):
+                mean = members.sum(axis=0)
+                centroids[c] = mean / max(np.linalg.norm(mean), 1e-12)
+    return labels
+
+
+@register
+class SemanticDedup(GlobalOp):
+    """SemDeDup-style semantic near-duplicates on CLIP image embeddings (needs
+    `clip_score` with `keep_embeddings: true`): spherical k-means into clusters, then
+    within each cluster every pair with cosine similarity >= `threshold` is a duplicate.
+    Star clustering in preference order, as near_dedup: a dropped sample's dup_of is a
+    representative it is itself that close to. Clusters only bound the pairwise work
+    (SemDeDup's trick); a pair split across clusters is missed, as in the paper."""
+
+    name = "semantic_dedup"
+    version = "1"
+
+    @dataclasses.dataclass
+    class Params:
+        threshold: float = 0.95
+        clusters: int = 0  # 0: about sqrt(n / 2)
+        seed: int = 0
+
+    @classmethod
+    def check_params(cls, params, where):
+        if not 0 < params.threshold <= 1 or params.clusters < 0:
+            raise ConfigError(f"{where} (semantic_dedup): need 0 < threshold <= 1 and clusters >= 0")
+
+    def apply(self, table: pd.DataFrame) -> pd.DataFrame:
+        from .clip import EMBEDDING_COLUMN
+
+        if EMBEDDING_COLUMN not in table.columns:
+            raise ConfigError("semantic_dedup needs image embeddings: set keep_embeddings: true on clip_score")
+        live = table[(table["status"] == LIVE) & table[EMBEDDING_COLUMN].notna()]
+        for _, same_kind in live.groupby("kind"):
+            table = self._dedup(table, same_kind)
+        return table
+
+    def _dedup(self, table: pd.DataFrame, live: pd.DataFrame) -> pd.DataFrame:
+        from .clip import EMBEDDING_COLUMN
+
+        if len(live) < 2:
+            return table
+        ordered = _preference_order(live)
+        x = np.stack([np.frombuffer(b, dtype=np.float16) for b in ordered[EMBEDDING_COLUMN]]).astype(np.float32)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        k = self.params.clusters or max(1, int(np.sqrt(len(x) / 2)))
+        labels = kmeans(x, min(k, len(x)), self.params.seed)
+        neighbours: dict[int, list[int]] = defaultdict(list)
+        for c in np.unique(labels):
+            pos = np.flatnonzero(labels == c)
+            sims = x[pos] @ x[pos].T
+            for a, b in zip(*np.nonzero(np.triu(sims >= self.params.threshold, k=1))):
+                neighbours[int(pos[a])].append(int(pos[b]))
+                neighbours[int(pos[b])].append(int(pos[a]))
+        groups = [[ordered.index[m] for m in star] for star in star_clusters(len(ordered), neighbours)]
+        return _mark_duplicates(table, groups, "duplicate_semantic")

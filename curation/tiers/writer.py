@@ -13,11 +13,13 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import __version__, schemas
 from ..fsutil import atomic_write_bytes, atomic_write_parquet, atomic_write_text, file_sha256
+from ..ops.clip import EMBEDDING_COLUMN
 from ..wds import tar_bytes
 from ..rawshards import iter_samples
 
@@ -85,17 +87,42 @@ def write_shard(tar_path: str, rows: list[dict], raw_dir: str) -> dict:
     data = tar_bytes(samples)
 
     atomic_write_bytes(tar_path, data)
+    embeddings = _embedding_matrix(rows)
+    if embeddings is not None:
+        buf = io.BytesIO()
+        np.save(buf, embeddings, allow_pickle=False)
+        atomic_write_bytes(embeddings_path(tar_path), buf.getvalue())
     sidecar = tar_path.with_suffix(".parquet")
-    atomic_write_parquet(table, sidecar)
-    return {"name": tar_path.name, "sidecar": sidecar.name, "samples": len(rows), "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write_parquet(table, sidecar)  # last: a shard is done once its sidecar exists
+    return shard_entry(tar_path)
+
+
+def embeddings_path(tar_path: Path) -> Path:
+    """`<shard>.clip.npy`: the shard's CLIP image embeddings, one row per sample in
+    sidecar order (float16; NaN rows for samples that have none)."""
+    return tar_path.with_suffix(".clip.npy")
+
+
+def _embedding_matrix(rows: list[dict]) -> np.ndarray | None:
+    vectors = [r.get(EMBEDDING_COLUMN) for r in rows]
+    present = [np.frombuffer(v, dtype=np.float16) for v in vectors if v is not None]
+    if not present:
+        return None
+    out = np.full((len(rows), present[0].shape[0]), np.nan, dtype=np.float16)
+    for i, v in enumerate(vectors):
+        if v is not None:
+            out[i] = np.frombuffer(v, dtype=np.float16)
+    return out
 
 
 def shard_entry(tar_path: Path) -> dict:
-    """Manifest entry for a shard already on disk."""
+    """Manifest entry for a shard on disk."""
     samples = pq.ParquetFile(tar_path.with_suffix(".parquet")).metadata.num_rows
-    return {"name": tar_path.name, "sidecar": tar_path.with_suffix(".parquet").name, "samples": samples,
-            "bytes": tar_path.stat().st_size, "sha256": file_sha256(tar_path)}
+    entry = {"name": tar_path.name, "sidecar": tar_path.with_suffix(".parquet").name, "samples": samples,
+             "bytes": tar_path.stat().st_size, "sha256": file_sha256(tar_path)}
+    if embeddings_path(tar_path).exists():
+        entry["embeddings"] = embeddings_path(tar_path).name
+    return entry
 
 
 def write_manifest(tier_dir: Path, tier: str, cfg, entries: list[dict]) -> dict:
