@@ -142,8 +142,8 @@ def cmd_train_filter(args) -> None:
                         seed=args.seed, log=lambda m: print(m, file=sys.stderr))
     m = info["metrics"]
     print(f"trained on {info['pairs']['train']} trusted pairs in {info['seconds']}s; held-out "
-          f"{info['pairs']['held_out']} pairs: AUC {m['auc']}, matched mean {m['matched_mean']}, "
-          f"mismatched mean {m['mismatched_mean']}, calibrated min_score {m['min_score']}")
+          f"{info['pairs']['held_out']} pairs: AUC {m['auc']}; calibrated min_score {m['min_score']} keeps "
+          f"{1 - m['false_reject']:.0%} of matched pairs and rejects {m['mismatched_rejected']:.0%} of mismatched ones")
     print(f"model: {args.out}  (use it in a pipeline: - op: clip_score, model: {args.out}, min_score: calibrated)")
 
 
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="trusted WebDataset tars (image + txt per sample): files, globs or folders")
     tf.add_argument("--out", required=True, help="model folder (open_clip local-dir: config, weights, calibration)")
     tf.add_argument("--epochs", type=int, default=12)
-    tf.add_argument("--batch-size", type=int, default=128)
+    tf.add_argument("--batch-size", type=int, default=64)
     tf.add_argument("--lr", type=float, default=2e-3)
     tf.add_argument("--seed", type=int, default=0)
     tf.set_defaults(func=cmd_train_filter)

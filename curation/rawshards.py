@@ -121,8 +121,9 @@ def sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sourc
     media = media_members(row["kind"], files)
     row["media"] = json.dumps(media)
     row["num_bytes"] = sum(len(files[m]) for m in media)  # all media: what a tier shard will carry
-    # The image the image operators look at: the only one, or a document's first.
-    row["image_bytes"] = files[media[0]] if media and row["kind"] != "video" else b""
+    # The media the operators look at: the image, a document's first image, or the clip
+    # (video operators decode frames from it; image operators do not take video rows).
+    row["image_bytes"] = files[media[0]] if media else b""
     if row["kind"] == "interleaved":
         row["num_images"] = len(media)
         row["missing_images"] = json.dumps(meta.get("missing_images") or [])

@@ -118,14 +118,14 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     ds = ray.data.from_items([{"path": str(p), "source": source} for p in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(read_raw_shards, batch_size=1, num_cpus=READ_TASK_CPUS)
     stages = fuse(cfg.map_ops)
-    sizes = plan_pools([s[0].resources for s in stages], cluster_cpus(), cluster_gpus(),
+    pools = plan_pools([s[0].resources for s in stages], cluster_cpus(), cluster_gpus(),
                        heavy=[not s[0].cls.fusable for s in stages])
-    for stage, size in zip(stages, sizes):
+    for stage, (size, num_cpus) in zip(stages, pools):
         res = stage[0].resources
         ds = ds.map_batches(
             StageActor, fn_constructor_kwargs={"specs": stage}, batch_format="pandas",
             batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=size),
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+            num_cpus=num_cpus, num_gpus=res.num_gpus,
         )
     ds = ds.drop_columns(["image_bytes"])
 

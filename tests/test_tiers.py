@@ -120,13 +120,19 @@ def test_actor_pools_always_fit_the_cluster():
     from curation.ops.base import Resources
     from curation.runtime.ray_env import READ_TASK_CPUS, plan_pools
 
+    def fits(pools, cpus):
+        return sum(n * c for n, c in pools) <= cpus - READ_TASK_CPUS + 1e-9 and min(n for n, _ in pools) >= 1
+
     three = [Resources(num_cpus=0.5)] * 3  # the case that used to hang on 2 CPUs
-    sizes = plan_pools(three, cpus=2, gpus=0)
-    assert sum(s * 0.5 for s in sizes) <= 2 - READ_TASK_CPUS and min(sizes) >= 1
-    assert plan_pools([Resources(num_cpus=0.5)], cpus=16, gpus=0) == [31]
-    # the demo's shape on 2 CPUs: fused CPU ops, OCR (a model), language (cheap)
+    assert fits(plan_pools(three, cpus=2, gpus=0), 2)
+    assert plan_pools([Resources(num_cpus=0.5)], cpus=16, gpus=0) == [(31, 0.5)]
+    # a shape like the demo's on 2 CPUs: fused CPU ops, OCR (a model), language (cheap)
     demo = [Resources(num_cpus=0.5), Resources(num_cpus=0.5), Resources(num_cpus=0.25)]
-    assert plan_pools(demo, cpus=2, gpus=0, heavy=[False, True, False]) == [1, 2, 1]
-    assert plan_pools([Resources(num_cpus=0.25), Resources(num_cpus=1, num_gpus=0.5)], cpus=8, gpus=2)[1] == 4
+    assert [n for n, _ in plan_pools(demo, cpus=2, gpus=0, heavy=[False, True, False])] == [1, 2, 1]
+    assert plan_pools([Resources(num_cpus=0.25), Resources(num_cpus=1, num_gpus=0.5)], cpus=8, gpus=2)[1] == (4, 1)
+    # more model stages than a laptop's CPUs: shares shrink to fit, every stage still starts
+    seven = [Resources(num_cpus=0.5)] * 7
+    pools = plan_pools(seven, cpus=2, gpus=0, heavy=[True] * 7)
+    assert fits(pools, 2) and all(n == 1 and c == pools[0][1] < 0.5 for n, c in pools)
     with pytest.raises(CurationError, match="need 3 CPUs at once"):
         plan_pools([Resources(num_cpus=1, concurrency=3)], cpus=2, gpus=0)

@@ -23,7 +23,7 @@ from .server import serve_directory
 
 
 MODELS_ENV = "CURATION_MODELS"
-FILTER_EPOCHS = 12
+FILTER_EPOCHS = {"full": 12, "small": 24}  # about 11k pair-passes either way
 
 
 def run_demo(out: str | Path, small: bool = False, ray_address: str | None = None,
@@ -70,7 +70,7 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
     else:
         log(f"[3/4] training the CLIP filter on {plan.trusted} trusted pairs (curate train-filter)")
         info = train_filter(sorted((out / "corpus" / "trusted").glob("*.tar")), clip_dir,
-                            epochs=FILTER_EPOCHS, log=lambda m: log("      " + m))
+                            epochs=FILTER_EPOCHS["small" if small else "full"], log=lambda m: log("      " + m))
         log(f"      held-out AUC {info['metrics']['auc']}, calibrated min_score {info['min_score']}")
     log(f"[4/4] curating with {bundled_pipeline('demo')}")
     cfg = config.load(bundled_pipeline("demo"))

@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")
@@ -90,6 +91,30 @@ def _text_and_language(con):
     return _png(fig)
 
 
+def _clip_scores(con):
+    """CLIP score distribution of every scored sample, by outcome: what the filter
+    kept, what it dropped, and what later operators dropped."""
+    cols = {r[0] for r in con.sql("DESCRIBE ledger").fetchall()}
+    if "clip_score" not in cols:
+        return None
+    rows = con.sql("""SELECT CASE WHEN status = 'kept' THEN 'kept'
+                                  WHEN reason = 'clip_score_low' THEN 'dropped: clip_score_low'
+                                  WHEN reason = 'clip_score_rank' THEN 'dropped: clip_score_rank'
+                                  ELSE 'dropped later (dedup, ...)' END AS outcome, clip_score
+                       FROM ledger WHERE clip_score IS NOT NULL""").df()
+    if rows.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3))
+    bins = np.linspace(rows["clip_score"].min(), rows["clip_score"].max(), 40)
+    for outcome, part in rows.groupby("outcome"):
+        ax.hist(part["clip_score"], bins=bins, alpha=0.6, label=f"{outcome} ({len(part)})")
+    ax.set_xlabel("CLIP image-caption similarity")
+    ax.set_ylabel("samples")
+    ax.set_title("CLIP scores by outcome")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def _near_dup_distances(con):
     rows = con.sql("""
         SELECT bit_count(xor(('0x' || d.phash)::UBIGINT, ('0x' || k.phash)::UBIGINT)) AS bits
@@ -123,6 +148,7 @@ def write_report(root: str | Path) -> Path:
         ("Outcomes", _outcomes(con)),
         ("Tiers", _tiers(con)),
         ("Kept samples", _distributions(con)),
+        ("CLIP scores", _clip_scores(con)),
         ("Text in images and languages", _text_and_language(con)),
         ("Near-duplicate distances", _near_dup_distances(con)),
     ]

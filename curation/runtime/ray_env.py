@@ -62,19 +62,29 @@ def cluster_gpus() -> float:
 READ_TASK_CPUS = 0.25  # what a raw-shard read task asks for
 
 
-def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None = None) -> list[int]:
-    """Actors per stage, so that every pool can be placed at once with room left for the
-    read tasks. Ray Data actor pools are fixed-size: a pool that cannot be placed never
-    starts and the whole job waits for it forever (on 2 CPUs, three stages of two
-    half-CPU actors plus the readers is exactly that). Every CPU stage gets one actor;
-    the CPU left over goes to the `heavy` (model) stages first, one actor at a time."""
+def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None = None) -> list[tuple[int, float]]:
+    """(actors, CPUs per actor) for each stage, so that every pool can be placed at once
+    with room left for the read tasks. Ray Data actor pools are fixed-size: a pool that
+    cannot be placed never starts and the whole job waits for it forever (on 2 CPUs,
+    three stages of two half-CPU actors plus the readers is exactly that).
+
+    Every stage gets one actor. If the stages' CPU shares do not fit together (many
+    model stages on a laptop), the shares of the stages without an explicit
+    `concurrency` are scaled down to fit: on a CPU node a share is only a scheduling
+    claim, and a slower pipeline beats one that never starts. The CPU left over goes to
+    the `heavy` (model) stages first, one actor at a time."""
     budget = cpus - READ_TASK_CPUS
-    cpu_stages = [r for r in stages if r.num_gpus == 0 and not r.concurrency]
+    share = [r.num_cpus for r in stages]
+    scalable = [i for i, r in enumerate(stages) if not r.concurrency]
     fixed = sum(r.concurrency * r.num_cpus for r in stages if r.concurrency)
-    minimum = fixed + sum(r.num_cpus for r in cpu_stages) + sum(r.num_cpus for r in stages if r.num_gpus and not r.concurrency)
-    if minimum > budget + 1e-9:
-        raise CurationError(f"the pipeline's actor stages need {minimum:g} CPUs at once but the cluster has {cpus:g} "
-                            f"(minus {READ_TASK_CPUS} for reading): lower their num_cpus or concurrency")
+    wanted = sum(share[i] for i in scalable)
+    if fixed + wanted > budget + 1e-9:
+        if fixed >= budget or wanted == 0:
+            raise CurationError(f"the pipeline's actor stages need {fixed + wanted:g} CPUs at once but the cluster has "
+                                f"{cpus:g} (minus {READ_TASK_CPUS} for reading): lower their num_cpus or concurrency")
+        factor = (budget - fixed) / wanted
+        for i in scalable:
+            share[i] = round(share[i] * factor, 4)
     sizes = []
     for r in stages:
         if r.concurrency:
@@ -83,16 +93,16 @@ def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None 
             sizes.append(max(1, int(gpus / r.num_gpus)))
         else:
             sizes.append(1)
-    spare = budget - minimum
+    spare = budget - fixed - sum(share[i] for i in scalable)
     heavy = heavy or [False] * len(stages)
-    growable = [i for i, r in enumerate(stages) if r.num_gpus == 0 and not r.concurrency and r.num_cpus > 0]
+    growable = [i for i, r in enumerate(stages) if r.num_gpus == 0 and not r.concurrency and share[i] > 0]
     for group in ([i for i in growable if heavy[i]], [i for i in growable if not heavy[i]]):
         grew = True
         while grew:
             grew = False
             for i in group:
-                if stages[i].num_cpus <= spare + 1e-9:
+                if share[i] <= spare + 1e-9:
                     sizes[i] += 1
-                    spare -= stages[i].num_cpus
+                    spare -= share[i]
                     grew = True
-    return sizes
+    return list(zip(sizes, share))
