@@ -14,6 +14,7 @@ in every tier shard as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -118,10 +119,11 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     ds = ray.data.from_items([{"path": str(p), "source": source} for p in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(read_raw_shards, batch_size=1, num_cpus=READ_TASK_CPUS)
     stages = fuse(cfg.map_ops)
-    pools = plan_pools([s[0].resources for s in stages], cluster_cpus(), cluster_gpus(),
-                       heavy=[not s[0].cls.fusable for s in stages])
-    for stage, (size, num_cpus) in zip(stages, pools):
-        res = stage[0].resources
+    gpus = cluster_gpus()
+    # A model operator's GPU share applies where there are GPUs; elsewhere it runs on CPU.
+    wanted = [s[0].resources if gpus else dataclasses.replace(s[0].resources, num_gpus=0) for s in stages]
+    pools = plan_pools(wanted, cluster_cpus(), gpus, heavy=[not s[0].cls.fusable for s in stages])
+    for stage, res, (size, num_cpus) in zip(stages, wanted, pools):
         ds = ds.map_batches(
             StageActor, fn_constructor_kwargs={"specs": stage}, batch_format="pandas",
             batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=size),

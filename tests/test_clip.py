@@ -52,9 +52,10 @@ def clip_dir(demo_out):
 def test_trained_filter_catches_demo_mismatches_well_above_chance(demo_out):
     q = clip_filter_quality(demo_out)
     assert q["mismatched"] >= 20 and q["scored"] >= 150
-    # Chance: a filter flagging at random has precision = the mismatch rate (~15%).
-    assert q["precision"] >= 0.8 and q["precision"] > 4 * q["base_rate"], q
-    assert q["recall"] >= 0.7, q
+    # Chance: a filter flagging at random has precision = the mismatch rate (~13%) and
+    # recall = the share of samples it flags (~11%).
+    assert q["precision"] >= 0.7 and q["precision"] > 4 * q["base_rate"], q
+    assert q["recall"] >= 0.6 and q["recall"] > 4 * q["flagged"] / q["scored"], q
     assert q["auc"] >= 0.9, q
 
 

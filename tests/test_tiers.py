@@ -136,3 +136,46 @@ def test_actor_pools_always_fit_the_cluster():
     assert fits(pools, 2) and all(n == 1 and c == pools[0][1] < 0.5 for n, c in pools)
     with pytest.raises(CurationError, match="need 3 CPUs at once"):
         plan_pools([Resources(num_cpus=1, concurrency=3)], cpus=2, gpus=0)
+
+
+@pytest.fixture(scope="module")
+def onevision_out(demo_out, tmp_path_factory):
+    """pipelines/llava_onevision.yaml run over the small demo's raw shards."""
+    out = tmp_path_factory.mktemp("onevision") / "out"
+    curate("run", "pipelines/llava_onevision.yaml", "--input", demo_out / "raw", "--out", out)
+    return out
+
+
+@pytest.mark.slow
+def test_llava_onevision_recipe_fills_the_four_stage_tiers(onevision_out):
+    import duckdb
+
+    sidecars = str(onevision_out / "tiers" / "*" / "*.parquet")
+    kinds = dict(duckdb.sql(f"""SELECT tier, list(DISTINCT kind ORDER BY kind) FROM read_parquet('{sidecars}')
+                              GROUP BY tier""").fetchall())
+    assert kinds == {
+        "stage1_alignment": ["image_text"], "stage1.5_knowledge": ["image_text"],
+        "stage2_single_image": ["image_text"], "stage2_onevision": ["interleaved", "video"],
+    }
+    facts = duckdb.sql(f"""SELECT tier, max(len(string_split(text, ' '))) AS longest,
+                                  avg(CASE WHEN length(coalesce(ocr_text, '')) >= 3 THEN 1 ELSE 0 END) AS ocr_share,
+                                  bool_and(json_extract_string(source_meta, '$.qa') IS NOT NULL) AS all_qa,
+                                  bool_and(clip_score IS NOT NULL OR kind <> 'image_text') AS scored
+                           FROM read_parquet('{sidecars}') GROUP BY tier""").df().set_index("tier")
+    assert facts.at["stage1_alignment", "longest"] < 14  # short pairs only
+    assert facts.at["stage1.5_knowledge", "ocr_share"] > 0  # text-rich images land in knowledge
+    assert facts.at["stage2_single_image", "all_qa"]  # instruction data has its questions
+    assert facts["scored"].all()  # every image pair passed the CLIP filter
+
+
+@pytest.mark.slow
+def test_llava_onevision_plan_bills_every_stage(onevision_out):
+    proc = curate("plan", "--root", onevision_out)
+    plan = json.loads((onevision_out / "plan.json").read_text())
+    stages = {s["name"]: s for s in plan["stages"]}
+    assert list(stages) == ["stage1_alignment", "stage1.5_knowledge", "stage2_single_image", "stage2_onevision"]
+    assert all(s["totals"]["samples"] > 0 and s["totals"]["visual_tokens"] > 0 for s in stages.values())
+    onevision = {m["tier"]: m for m in stages["stage2_onevision"]["mix"]}
+    assert onevision["stage2_onevision"]["frames"] > 0  # video frames billed at 196 tokens
+    assert 0 < onevision["stage2_single_image"]["samples"] < plan["stages"][2]["mix"][0]["samples"]  # a 30% replay
+    assert "stage2_onevision" in proc.stdout and "visual tok" in proc.stdout

@@ -132,7 +132,7 @@ class Caption(MapOp):
     version = "1"
     kinds = ("image_text", "interleaved", "video")  # documents: their first image
     fusable = False  # a model: its own actor pool, built once per actor
-    resources = Resources(num_cpus=0.5, batch_size=16)  # YAML `resources: {num_gpus: 1}` puts it on a GPU
+    resources = Resources(num_cpus=0.5, num_gpus=0.5, batch_size=16)  # GPU share used only where GPUs exist
     outputs = ("caption", "caption_model", "caption_prompt", "scene_captions")
 
     @dataclasses.dataclass

@@ -43,7 +43,7 @@ class ClipScore(MapOp):
     version = "1"
     kinds = ("image_text",)
     fusable = False  # a model: its own actor pool, loaded once per actor
-    resources = Resources(num_cpus=0.5, batch_size=64)
+    resources = Resources(num_cpus=0.5, num_gpus=0.25, batch_size=256)  # GPU share used only where GPUs exist
     outputs = ("clip_score", "clip_model")
 
     @dataclasses.dataclass
