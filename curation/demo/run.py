@@ -15,6 +15,8 @@ from ..crawl.image_text import crawl_image_text
 from ..crawl.media import crawl_media
 from ..paths import bundled_pipeline
 from ..report import write_report
+from ..captioner import TRAINING_FILE as CAPTIONER_RECORD
+from ..captioner import train_captioner
 from ..clipfilter import CALIBRATION_FILE, train_filter
 from ..runner import run_pipeline
 from . import corpus
@@ -24,6 +26,7 @@ from .server import serve_directory
 
 MODELS_ENV = "CURATION_MODELS"
 FILTER_EPOCHS = {"full": 12, "small": 24}  # about 11k pair-passes either way
+CAPTIONER_STEPS = {"full": 400, "small": 150}
 
 
 def run_demo(out: str | Path, small: bool = False, ray_address: str | None = None,
@@ -64,14 +67,23 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
     # The demo pipeline names its models under ${CURATION_MODELS}: here, OUT/models.
     models = out / "models"
     os.environ[MODELS_ENV] = str(models.resolve())
-    clip_dir = models / "clip-filter"
+    trusted = sorted((out / "corpus" / "trusted").glob("*.tar"))
+    size = "small" if small else "full"
+    clip_dir, captioner_dir = models / "clip-filter", models / "captioner"
     if (clip_dir / CALIBRATION_FILE).exists():
         log(f"[3/4] CLIP filter already trained in {clip_dir}")
     else:
         log(f"[3/4] training the CLIP filter on {plan.trusted} trusted pairs (curate train-filter)")
-        info = train_filter(sorted((out / "corpus" / "trusted").glob("*.tar")), clip_dir,
-                            epochs=FILTER_EPOCHS["small" if small else "full"], log=lambda m: log("      " + m))
+        info = train_filter(trusted, clip_dir, epochs=FILTER_EPOCHS[size], log=lambda m: log("      " + m))
         log(f"      held-out AUC {info['metrics']['auc']}, calibrated min_score {info['min_score']}")
+    if (captioner_dir / CAPTIONER_RECORD).exists():
+        log(f"      captioner already trained in {captioner_dir}")
+    else:
+        log(f"      training the re-captioner on the same pairs (curate train-captioner)")
+        info = train_captioner(trusted, captioner_dir, steps=CAPTIONER_STEPS[size], log=lambda m: log("      " + m))
+        m = info["metrics"]
+        log(f"      held-out captions: colour precision {m['colour_precision']}, shape precision "
+            f"{m['shape_precision']}, whole description right {m['description_match']}")
     log(f"[4/4] curating with {bundled_pipeline('demo')}")
     cfg = config.load(bundled_pipeline("demo"))
     summary = run_pipeline(cfg, raw, out / "curated", ray_address=ray_address)
