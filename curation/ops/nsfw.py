@@ -63,7 +63,8 @@ class NudeNetScorer:
             return []
         batch = np.stack([self._blob(im) for im in images])
         out = self.detector.onnx_session.run(None, {self.detector.input_name: batch})[0]  # (n, 4 + classes, anchors)
-        return [float(np.clip(s, 0.0, 1.0)) for s in out[:, self.columns, :].max(axis=(1, 2))]
+        # Rounded so a score never depends on how Ray happened to batch the rows.
+        return [round(float(np.clip(s, 0.0, 1.0)), 4) for s in out[:, self.columns, :].max(axis=(1, 2))]
 
 
 @register
