@@ -28,6 +28,6 @@ def curate(*args, check=True, timeout=600, **kw) -> subprocess.CompletedProcess:
 def demo_out(tmp_path_factory) -> Path:
     """The small demo, crawled into several raw shards and curated, once per session."""
     out = tmp_path_factory.mktemp("demo")
-    curate("demo", "--small", "--samples-per-shard", "60", "--out", out)
+    curate("demo", "--small", "--samples-per-shard", "60", "--out", out, timeout=1500)
     os.environ["CURATION_MODELS"] = str(out / "models")
     return out
