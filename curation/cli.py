@@ -128,23 +128,39 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _trusted_shards(given: list[str]) -> list[Path]:
+    shards: list[Path] = []
+    for item in given:
+        path = Path(item)
+        found = sorted(path.glob("*.tar")) if path.is_dir() else sorted(Path().glob(item)) if any(c in item for c in "*?[") else [path]
+        shards += [p for p in found if p.is_file()]
+    if not shards:
+        raise CurationError(f"no trusted shards found in {' '.join(given)} (give .tar files, globs or folders)")
+    return shards
+
+
 def cmd_train_filter(args) -> None:
     from .clipfilter import train_filter
 
-    shards: list[Path] = []
-    for given in args.shards:
-        path = Path(given)
-        found = sorted(path.glob("*.tar")) if path.is_dir() else sorted(Path().glob(given)) if any(c in given for c in "*?[") else [path]
-        shards += [p for p in found if p.is_file()]
-    if not shards:
-        raise CurationError(f"no trusted shards found in {' '.join(args.shards)} (give .tar files, globs or folders)")
-    info = train_filter(shards, Path(args.out), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    info = train_filter(_trusted_shards(args.shards), Path(args.out), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed, log=lambda m: print(m, file=sys.stderr))
     m = info["metrics"]
     print(f"trained on {info['pairs']['train']} trusted pairs in {info['seconds']}s; held-out "
           f"{info['pairs']['held_out']} pairs: AUC {m['auc']}; calibrated min_score {m['min_score']} keeps "
           f"{1 - m['false_reject']:.0%} of matched pairs and rejects {m['mismatched_rejected']:.0%} of mismatched ones")
     print(f"model: {args.out}  (use it in a pipeline: - op: clip_score, model: {args.out}, min_score: calibrated)")
+
+
+def cmd_train_captioner(args) -> None:
+    from .captioner import train_captioner
+
+    info = train_captioner(_trusted_shards(args.shards), Path(args.out), steps=args.steps, batch_size=args.batch_size,
+                           seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    m = info["metrics"]
+    print(f"trained on {info['pairs']['train']} trusted pairs in {info['seconds']}s; held-out {info['pairs']['held_out']} "
+          f"pairs: loss {m['loss']}, colour precision {m['colour_precision']}, shape precision {m['shape_precision']}, "
+          f"whole description right {m['description_match']}")
+    print(f"model: {args.out}  (use it in a pipeline: - op: caption, model: {args.out})")
 
 
 def cmd_report(args) -> None:
@@ -259,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--lr", type=float, default=2e-3)
     tf.add_argument("--seed", type=int, default=0)
     tf.set_defaults(func=cmd_train_filter)
+
+    tc = sub.add_parser("train-captioner", help="train the tiny re-captioner on trusted image-caption shards")
+    tc.add_argument("--shards", nargs="+", required=True, help="trusted WebDataset tars: files, globs or folders")
+    tc.add_argument("--out", required=True, help="model folder (transformers: the caption operator loads it)")
+    tc.add_argument("--steps", type=int, default=400)
+    tc.add_argument("--batch-size", type=int, default=32)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.set_defaults(func=cmd_train_captioner)
+
+    from .trainer.cli import add_eval_parser, add_train_parser  # argparse only: no torch import here
+
+    add_train_parser(sub)
+    add_eval_parser(sub)
 
     rp = sub.add_parser("report", help="write report.html (plots of outcomes, tiers, distributions) for a run")
     rp.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
