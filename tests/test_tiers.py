@@ -134,6 +134,11 @@ def test_actor_pools_always_fit_the_cluster():
     seven = [Resources(num_cpus=0.5)] * 7
     pools = plan_pools(seven, cpus=2, gpus=0, heavy=[True] * 7)
     assert fits(pools, 2) and all(n == 1 and c == pools[0][1] < 0.5 for n, c in pools)
+    # the demo's stages: scaled shares plus one reader must not exceed the CPUs, even by
+    # a rounding error (Ray would never place the reader, and the job would wait forever)
+    mixed = [Resources(num_cpus=c) for c in (0.5, 0.5, 0.5, 0.25, 0.25, 0.5, 0.25)]
+    pools = plan_pools(mixed, cpus=2, gpus=0, heavy=[False, True, True, True, True, True, False])
+    assert sum(n * c for n, c in pools) + READ_TASK_CPUS <= 2
     with pytest.raises(CurationError, match="need 3 CPUs at once"):
         plan_pools([Resources(num_cpus=1, concurrency=3)], cpus=2, gpus=0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from pathlib import Path
@@ -83,8 +84,8 @@ def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None 
             raise CurationError(f"the pipeline's actor stages need {fixed + wanted:g} CPUs at once but the cluster has "
                                 f"{cpus:g} (minus {READ_TASK_CPUS} for reading): lower their num_cpus or concurrency")
         factor = (budget - fixed) / wanted
-        for i in scalable:
-            share[i] = round(share[i] * factor, 4)
+        for i in scalable:  # rounded down: a share rounded up would leave no room for a reader
+            share[i] = math.floor(share[i] * factor * 1e4) / 1e4
     sizes = []
     for r in stages:
         if r.concurrency:
