@@ -212,8 +212,8 @@ def test_verify_passes_then_names_a_flipped_byte(run_root, tmp_path):
 
 def test_demo_writes_a_report_with_plots(run_root):
     page = (run_root / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5  # outcomes, tiers, sizes, OCR/language, near-dups
-    assert "Text in images and languages" in page
+    assert page.count("data:image/png;base64,") == 6  # outcomes, tiers, sizes, CLIP, OCR/language, near-dups
+    assert "Text in images and languages" in page and "CLIP scores" in page
     total = len(pd.read_parquet(run_root / "ledger.parquet"))
     assert f"{total} inputs" in page
 
