@@ -105,7 +105,7 @@ def _progress(total: int, desc: str):
 def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int], work: Path, source: str) -> None:
     import ray.data
 
-    from .runtime.ray_env import cluster_cpus, cluster_gpus, plan_pools
+    from .runtime.ray_env import cluster_cpus, cluster_gpus, node_cpus, plan_pools
 
     annotated = work / "annotated"
     annotated.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     gpus = cluster_gpus()
     # A model operator's GPU share applies where there are GPUs; elsewhere it runs on CPU.
     wanted = [s[0].resources if gpus else dataclasses.replace(s[0].resources, num_gpus=0) for s in stages]
-    pools = plan_pools(wanted, cluster_cpus(), gpus, heavy=[not s[0].cls.fusable for s in stages])
+    pools = plan_pools(wanted, cluster_cpus(), gpus, heavy=[not s[0].cls.fusable for s in stages], nodes=node_cpus())
     for stage, res, (size, num_cpus) in zip(stages, wanted, pools):
         ds = ds.map_batches(
             StageActor, fn_constructor_kwargs={"specs": stage}, batch_format="pandas",

@@ -139,6 +139,12 @@ def test_actor_pools_always_fit_the_cluster():
     mixed = [Resources(num_cpus=c) for c in (0.5, 0.5, 0.5, 0.25, 0.25, 0.5, 0.25)]
     pools = plan_pools(mixed, cpus=2, gpus=0, heavy=[False, True, True, True, True, True, False])
     assert sum(n * c for n, c in pools) + READ_TASK_CPUS <= 2
+    # two 1-CPU nodes (the cluster test): every actor must fit whole on one node
+    from curation.runtime.ray_env import _packs
+
+    pools = plan_pools(mixed, cpus=2, gpus=0, heavy=[False, True, True, True, True, True, False], nodes=[1.0, 1.0])
+    assert _packs([c for n, c in pools for _ in range(n)] + [READ_TASK_CPUS], [1.0, 1.0])
+    assert not _packs([0.6, 0.6, 0.6], [1.0, 1.0])
     with pytest.raises(CurationError, match="need 3 CPUs at once"):
         plan_pools([Resources(num_cpus=1, concurrency=3)], cpus=2, gpus=0)
 

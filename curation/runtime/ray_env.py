@@ -60,12 +60,21 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def node_cpus() -> list[float]:
+    """CPUs of each live node: actors are placed whole on one node, so the pools must
+    pack onto these, not just fit their sum."""
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+
+
 READ_TASK_CPUS = 0.25  # what a raw-shard read task asks for
 
 
-def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None = None) -> list[tuple[int, float]]:
+def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None = None,
+               nodes: list[float] | None = None) -> list[tuple[int, float]]:
     """(actors, CPUs per actor) for each stage, so that every pool can be placed at once
-    with room left for the read tasks. Ray Data actor pools are fixed-size: a pool that
+    with room left for a read task. Ray Data actor pools are fixed-size: a pool that
     cannot be placed never starts and the whole job waits for it forever (on 2 CPUs,
     three stages of two half-CPU actors plus the readers is exactly that).
 
@@ -73,8 +82,34 @@ def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None 
     model stages on a laptop), the shares of the stages without an explicit
     `concurrency` are scaled down to fit: on a CPU node a share is only a scheduling
     claim, and a slower pipeline beats one that never starts. The CPU left over goes to
-    the `heavy` (model) stages first, one actor at a time."""
+    the `heavy` (model) stages first, one actor at a time. With `nodes` (CPUs per node),
+    the plan must also pack onto the nodes, each actor whole on one node (two 1-CPU
+    nodes cannot hold three 0.6-CPU actors); if it does not, the budget shrinks until it does."""
     budget = cpus - READ_TASK_CPUS
+    for _ in range(40):
+        pools = _fit(stages, budget, cpus, gpus, heavy or [False] * len(stages))
+        actors = [c for n, c in pools for _ in range(n)] + [READ_TASK_CPUS]
+        if nodes is None or _packs(actors, nodes):
+            return pools
+        budget *= 0.9
+    raise CurationError(f"the pipeline's actor stages cannot be placed on nodes with {nodes} CPUs: lower their "
+                        "num_cpus or concurrency")
+
+
+def _packs(items: list[float], bins: list[float]) -> bool:
+    """First-fit decreasing: True if every item finds a bin with room."""
+    free = sorted(bins, reverse=True)
+    for item in sorted(items, reverse=True):
+        for i, room in enumerate(free):
+            if item <= room + 1e-9:
+                free[i] = room - item
+                break
+        else:
+            return False
+    return True
+
+
+def _fit(stages: list, budget: float, cpus: float, gpus: float, heavy: list[bool]) -> list[tuple[int, float]]:
     share = [r.num_cpus for r in stages]
     scalable = [i for i, r in enumerate(stages) if not r.concurrency]
     fixed = sum(r.concurrency * r.num_cpus for r in stages if r.concurrency)
@@ -95,7 +130,6 @@ def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None 
         else:
             sizes.append(1)
     spare = budget - fixed - sum(share[i] for i in scalable)
-    heavy = heavy or [False] * len(stages)
     growable = [i for i, r in enumerate(stages) if r.num_gpus == 0 and not r.concurrency and share[i] > 0]
     for group in ([i for i in growable if heavy[i]], [i for i in growable if not heavy[i]]):
         grew = True
