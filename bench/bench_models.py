@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--ops", default="clip,ocr")
     ap.add_argument("--clip-model", default="ViT-B-32")
     ap.add_argument("--clip-pretrained", default=None)
-    ap.add_argument("--max-shards", type=int, default=3, help="image_text raw shards to use")
+    ap.add_argument("--max-shards", type=int, default=2, help="image_text raw shards to use")
     ap.add_argument("--ocr-shards", type=int, default=1, help="OCR is slow: fewer shards for it")
     args = ap.parse_args()
     import torch
@@ -116,7 +116,8 @@ def main() -> None:
         shards = all_shards[: args.max_shards if name == "clip" else args.ocr_shards]
         items = images_in(shards)
         if name == "clip":
-            op = {"op": "clip_score", "model": args.clip_model}
+            # Ray gives a fractional-CPU actor one thread; the plain loop uses every core.
+            op = {"op": "clip_score", "model": args.clip_model, "threads": os.cpu_count() or 1}
             if args.clip_pretrained:
                 op["pretrained"] = args.clip_pretrained
             t = time.perf_counter()

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -45,13 +46,23 @@ BINARY_COLUMNS = ("image_bytes", EMBEDDING_COLUMN)
 
 
 # ---------------------------------------------------------------------------- stage A
-def read_raw_shards(batch: dict) -> pa.Table:
-    """map_batches function: raw shard paths -> their sample rows (with media bytes),
-    as one Arrow table per shard (much cheaper than building rows one by one)."""
-    rows = [sample_row(Path(path).name, key, files, source)
-            for path, source in zip(batch["path"], batch["source"])
-            for key, files in iter_samples(Path(path))]
-    return pa.Table.from_pylist(rows, schema=_stage_schema(list(READ_COLUMNS)))
+READ_BLOCK_ROWS = 64  # rows per block out of a raw shard: enough blocks to keep every actor busy
+
+
+def read_raw_shards(batch: dict) -> Iterator[pa.Table]:
+    """map_batches function: raw shard paths -> their sample rows (with media bytes), as
+    Arrow tables of READ_BLOCK_ROWS rows. One block per shard would give a pool's
+    second actor nothing to do until the next shard, and no overlap between stages."""
+    schema = _stage_schema(list(READ_COLUMNS))
+    rows: list[dict] = []
+    for path, source in zip(batch["path"], batch["source"]):
+        for key, files in iter_samples(Path(path)):
+            rows.append(sample_row(Path(path).name, key, files, source))
+            if len(rows) == READ_BLOCK_ROWS:
+                yield pa.Table.from_pylist(rows, schema=schema)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=schema)
 
 
 def _stage_schema(columns: list[str]) -> pa.Schema:

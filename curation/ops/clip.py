@@ -43,7 +43,7 @@ class ClipScore(MapOp):
     version = "1"
     kinds = ("image_text",)
     fusable = False  # a model: its own actor pool, loaded once per actor
-    resources = Resources(num_cpus=0.5, num_gpus=0.25, batch_size=256)  # GPU share used only where GPUs exist
+    resources = Resources(num_cpus=0.5, num_gpus=0.25, batch_size=64)  # GPU share used only where GPUs exist
     outputs = ("clip_score", "clip_model")
 
     @dataclasses.dataclass
@@ -53,6 +53,7 @@ class ClipScore(MapOp):
         min_score: Any = None  # a number, "calibrated", or null (score only)
         keep_embeddings: bool = False
         device: str = "auto"
+        threads: int = 0  # torch threads per actor on CPU; 0 keeps Ray's (1 for a fractional-CPU actor)
 
     @classmethod
     def check_params(cls, params, where):
@@ -67,6 +68,8 @@ class ClipScore(MapOp):
             raise ConfigError(f"{where} (clip_score): min_score must be a number in [-1, 1], 'calibrated' or null")
         if not isinstance(params.keep_embeddings, bool):
             raise ConfigError(f"{where} (clip_score): keep_embeddings must be true or false")
+        if params.threads < 0:
+            raise ConfigError(f"{where} (clip_score): threads must be >= 0")
         if params.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{where} (clip_score): device must be auto, cpu or cuda")
 
@@ -74,6 +77,10 @@ class ClipScore(MapOp):
         super().__init__(params)
         from ..clipfilter import load_clip
 
+        if params.threads:
+            import torch
+
+            torch.set_num_threads(params.threads)
         self.clip = load_clip(params.model, params.pretrained, _device(params.device))
         self.min_score = params.min_score
         if self.min_score == "calibrated":
