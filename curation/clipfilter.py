@@ -19,7 +19,6 @@ noisy pool with it. `curate train-filter` does that with open_clip:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -33,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import CurationError
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, file_sha256
 from .rawshards import IMAGE_EXTS, TEXT_EXTS, iter_samples
 
 # A CLIP small enough to train on a laptop CPU in a minute, big enough to learn colours,
@@ -61,7 +60,6 @@ def load_clip(model: str, pretrained: str | None = None, device: str = "cpu") ->
     `pretrained` tag or checkpoint file), `hf-hub:org/repo`, or `local-dir:PATH`
     (what train-filter writes). A bare directory path is taken as `local-dir:`."""
     import open_clip
-    import torch
 
     if not model.startswith(("hf-hub:", "local-dir:")) and Path(model).is_dir():
         model = f"local-dir:{model}"
@@ -77,21 +75,13 @@ def load_clip(model: str, pretrained: str | None = None, device: str = "cpu") ->
         root = Path(model[len("local-dir:"):])
         weights = sorted(root.glob("*.safetensors")) or sorted(root.glob("*.bin"))
         if weights:
-            name += f"@{_file_digest(weights[0])}"
+            name += f"@{file_sha256(weights[0])[:12]}"
         calib = root / CALIBRATION_FILE
         if calib.is_file():
             calibrated = float(json.loads(calib.read_text())["min_score"])
     elif pretrained and Path(pretrained).is_file():
-        name = f"{model}/{Path(pretrained).name}@{_file_digest(Path(pretrained))}"
+        name = f"{model}/{Path(pretrained).name}@{file_sha256(pretrained)[:12]}"
     return ClipModel(net, preprocess, tokenizer, name, calibrated)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
 
 
 def embed_images(clip: ClipModel, images: list[Image.Image]) -> np.ndarray:

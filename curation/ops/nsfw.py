@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import hashlib
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from ..errors import ConfigError
+from ..fsutil import file_sha256
 from ._media import row_image
 from .base import MapOp, Resources, describe_error, register
 
@@ -48,7 +48,7 @@ class NudeNetScorer:
             raise RuntimeError(f"nudenet model classes changed: {sorted(names.values())}")
         self.size = self.detector.input_width
         weights = Path(nudenet.__file__).parent / "320n.onnx"
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+        digest = file_sha256(weights)[:12]
         self.model = f"nudenet-{version('nudenet')}:320n.onnx@sha256:{digest}"
 
     def _blob(self, image: Image.Image) -> np.ndarray:
