@@ -2,26 +2,48 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from curation import config
-from curation.config import ShardPolicy
 from curation.errors import ConfigError
-from curation.runner import SAMPLE_OVERHEAD_BYTES, cut_shards
+from curation.decide import SAMPLE_OVERHEAD_BYTES, cut_shards
 from curation.tiers.plan import select
 from curation.tokens import anyres_grid, anyres_tokens, visual_tokens
 
 from .conftest import curate
 
 
+def _sizes(shard_index) -> list[int]:
+    return pd.Series(shard_index).value_counts(sort=False).sort_index().tolist()
+
+
 def test_cut_by_samples_and_bytes():
-    sizes = pd.Series([1000] * 10)
-    assert [len(s) for s in cut_shards(list(range(10)), sizes, ShardPolicy(max_samples=4))] == [4, 4, 2]
+    sizes = np.full(10, 1000)
+    assert _sizes(cut_shards(sizes, 4, None)[0]) == [4, 4, 2]
     budget = 3 * (1000 + SAMPLE_OVERHEAD_BYTES)
-    assert [len(s) for s in cut_shards(list(range(10)), sizes, ShardPolicy(max_samples=100, max_bytes=budget))] == [3, 3, 3, 1]
-    huge = pd.Series([10**9, 5])
-    assert cut_shards([0, 1], huge, ShardPolicy(max_samples=9, max_bytes=100)) == [[0], [1]]  # a lone giant still ships
+    assert _sizes(cut_shards(sizes, 100, budget)[0]) == [3, 3, 3, 1]
+    assert cut_shards(np.array([10**9, 5]), 9, 100)[0].tolist() == [0, 1]  # a lone giant still ships
+
+
+def test_cut_in_chunks_equals_cut_at_once():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(0, 50_000, 5000)
+    whole, _ = cut_shards(sizes, 37, 400_000)
+    state, parts = None, []
+    for lo in range(0, len(sizes), 333):
+        idx, state = cut_shards(sizes[lo:lo + 333], 37, 400_000, state)
+        parts.append(idx)
+    assert np.concatenate(parts).tolist() == whole.tolist()
+    # the reference: close before a sample would pass max_bytes, or at max_samples
+    expected, shard, count, size = [], 0, 0, 0
+    for b in sizes + SAMPLE_OVERHEAD_BYTES:
+        if count >= 37 or (count and size + b > 400_000):
+            shard, count, size = shard + 1, 0, 0
+        expected.append(shard)
+        count, size = count + 1, size + b
+    assert whole.tolist() == expected
 
 
 @pytest.mark.parametrize("strategy, expected", [

@@ -17,7 +17,8 @@ directory (`local-dir:PATH`, or just the path) such as train-filter's output.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -45,15 +46,23 @@ class ClipScore(MapOp):
     fusable = False  # a model: its own actor pool, loaded once per actor
     resources = Resources(num_cpus=0.5, num_gpus=0.25, batch_size=64)  # GPU share used only where GPUs exist
     outputs = ("clip_score", "clip_model")
+    provides_hint = {EMBEDDING_COLUMN: "with keep_embeddings: true"}  # config's error hint
 
     @dataclasses.dataclass
     class Params:
         model: str = ""
-        pretrained: Any = None
-        min_score: Any = None  # a number, "calibrated", or null (score only)
+        pretrained: str | None = None
+        min_score: float | Literal["calibrated"] | None = None  # a number, "calibrated", or null (score only)
         keep_embeddings: bool = False
         device: str = "auto"
         threads: int = 0  # torch threads per actor on CPU; 0 keeps Ray's (1 for a fractional-CPU actor)
+
+    @classmethod
+    def provides(cls, params):
+        """The image embeddings too (for semantic_dedup) with keep_embeddings: true."""
+        if params is None or params.keep_embeddings:
+            return (*cls.outputs, EMBEDDING_COLUMN)
+        return cls.outputs
 
     @classmethod
     def check_params(cls, params, where):
@@ -66,6 +75,13 @@ class ClipScore(MapOp):
         if not (ms is None or ms == "calibrated" or (isinstance(ms, (int, float)) and not isinstance(ms, bool)
                                                       and -1 <= ms <= 1)):
             raise ConfigError(f"{where} (clip_score): min_score must be a number in [-1, 1], 'calibrated' or null")
+        if ms == "calibrated":  # a folder that is here but was not written by train-filter: say so now
+            from ..clipfilter import CALIBRATION_FILE
+
+            folder = Path(params.model.removeprefix("local-dir:"))
+            if folder.is_dir() and not (folder / CALIBRATION_FILE).is_file():
+                raise ConfigError(f"{where} (clip_score): min_score 'calibrated' needs a model folder written by "
+                                  f"`curate train-filter` (with {CALIBRATION_FILE}); the 'model' folder has none")
         if not isinstance(params.keep_embeddings, bool):
             raise ConfigError(f"{where} (clip_score): keep_embeddings must be true or false")
         if params.threads < 0:
@@ -112,6 +128,7 @@ class ClipTopFraction(GlobalOp):
 
     name = "clip_top_fraction"
     version = "1"
+    requires = ("clip_score",)
 
     @dataclasses.dataclass
     class Params:
@@ -122,13 +139,11 @@ class ClipTopFraction(GlobalOp):
         if not 0 < params.fraction <= 1:
             raise ConfigError(f"{where} (clip_top_fraction): fraction must be in (0, 1]")
 
-    def apply(self, table: pd.DataFrame) -> pd.DataFrame:
-        if "clip_score" not in table.columns:
+    def decide(self, ctx) -> None:
+        if "clip_score" not in ctx.columns:
             raise ConfigError("clip_top_fraction needs clip_score: put a clip_score operator in ops")
-        scored = table[(table["status"] == LIVE) & table["clip_score"].notna()]
-        keep = int(np.ceil(len(scored) * self.params.fraction))
-        ranked = scored.assign(_s=scored["clip_score"].astype(float)).sort_values(["_s", "uid"], ascending=[False, True])
-        cut = ranked.index[keep:]
-        table.loc[cut, "status"] = "dropped"
-        table.loc[cut, "reason"] = "clip_score_rank"
-        return table
+        ctx.con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE _cut AS
+            SELECT uid, NULL::VARCHAR AS dup_of FROM samples WHERE status = 'kept' AND clip_score IS NOT NULL
+            QUALIFY row_number() OVER (ORDER BY clip_score DESC, uid) > ceil(count(*) OVER () * {float(self.params.fraction)!r})""")
+        ctx.drop("_cut", "clip_score_rank")

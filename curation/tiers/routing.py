@@ -48,14 +48,41 @@ def check_rules(rules: tuple[TierRule, ...], columns: set[str]) -> None:
             raise ConfigError(f"tier '{rule.name}': bad 'where' predicate {rule.where!r}: {str(exc).splitlines()[0]}") from None
 
 
-def route(live: pd.DataFrame, rules: tuple[TierRule, ...]) -> pd.Series:
-    """Tier name (or None) per row of `live`, indexed like `live`."""
+def _route(frame: pd.DataFrame, rules: tuple[TierRule, ...]) -> list:
+    return _connect(frame).execute(_case_sql(rules).replace("SELECT uid, ", "SELECT ")).fetchnumpy()["tier"].tolist()
+
+
+def route_rows(live: pd.DataFrame, rules: tuple[TierRule, ...]) -> tuple[pd.Series, pd.Series]:
+    """(tier or None, routing error or None) per row of `live`, indexed like `live`.
+    A predicate that fails on some rows (a cast of a bad value, say) fails those rows
+    only; failing on every row of a batch with one error is a recipe bug and stops the
+    job (SystematicError)."""
+    from ..ops.base import SystematicError, describe_error
+
+    tiers = pd.Series([None] * len(live), index=live.index, dtype=object)
+    errors = pd.Series([None] * len(live), index=live.index, dtype=object)
     if live.empty:
-        return pd.Series([], dtype=object)
-    frame = live.drop(columns=[c for c in live.columns if c.startswith("_") or c == "image_bytes"])
+        return tiers, errors
+    frame = live.drop(columns=[c for c in live.columns if c.startswith("_") or c == "image_bytes"]).reset_index(drop=True)
     try:
-        result = _connect(frame).execute(_case_sql(rules)).fetch_df()
-    except duckdb.Error as exc:
-        raise ConfigError(f"tier routing failed: {str(exc).splitlines()[0]}") from None
-    tiers = dict(zip(result["uid"], result["tier"]))
-    return live["uid"].map(tiers)
+        tiers[:] = _route(frame, rules)
+        return tiers, errors
+    except duckdb.Error:
+        pass
+    for pos, idx in enumerate(live.index):
+        try:
+            tiers[idx] = _route(frame.iloc[[pos]], rules)[0]
+        except duckdb.Error as exc:
+            errors[idx] = f"tier predicate failed: {describe_error(exc).splitlines()[0]}"[:300]
+    if errors.notna().all() and errors.nunique() == 1 and len(errors) >= 2:
+        raise SystematicError(f"tier routing failed on every row of a batch (a recipe error): {errors.iloc[0]}")
+    return tiers, errors
+
+
+def route(live: pd.DataFrame, rules: tuple[TierRule, ...]) -> pd.Series:
+    """Tier name (or None) per row of `live`, indexed like `live`; raises ConfigError
+    if a predicate cannot run."""
+    tiers, errors = route_rows(live, rules)
+    if errors.notna().any():
+        raise ConfigError(f"tier routing failed: {errors.dropna().iloc[0]}")
+    return tiers

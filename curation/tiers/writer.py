@@ -19,9 +19,7 @@ from PIL import Image
 
 from .. import __version__, schemas
 from ..fsutil import atomic_write_bytes, atomic_write_parquet, atomic_write_text, file_sha256
-from ..ops.clip import EMBEDDING_COLUMN
 from ..wds import tar_bytes
-from ..rawshards import iter_samples
 
 
 def _as_jpeg(data: bytes) -> bytes:
@@ -59,41 +57,28 @@ def sample_json(row: dict) -> bytes:
     return json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()
 
 
-def write_shard(tar_path: str, rows: list[dict], raw_dir: str) -> dict:
-    """Write one shard. `rows` are sidecar rows (with raw_shard/raw_key for the media).
-    Returns the manifest entry. Writes to temporary names, then renames tar, then
-    sidecar: a shard counts as done only once its sidecar exists."""
+def write_shard(tar_path: str | Path, rows: list[dict], media: list[list[tuple[str, bytes]]],
+                embeddings: list[bytes | None] | None = None) -> dict:
+    """Write one shard from its sidecar rows (in order), each row's media members and
+    (optionally) its embedding. Returns the manifest entry. Writes to temporary names,
+    then renames tar, embeddings, then sidecar: a shard is done once its sidecar exists."""
     tar_path = Path(tar_path)
-    wanted: dict[str, dict[str, str]] = {}
-    for r in rows:
-        wanted.setdefault(r["raw_shard"], {})[r["raw_key"]] = r["uid"]
-    raw_files: dict[str, dict[str, bytes]] = {}
-    for raw_shard, keys in wanted.items():
-        for key, files in iter_samples(Path(raw_dir) / raw_shard):
-            if key in keys:
-                raw_files[keys[key]] = files
-
-    media = {r["uid"]: tier_media(r, raw_files[r["uid"]]) for r in rows}
     sidecar_rows = [{c: r.get(c) for c in schemas.columns("sidecar")} for r in rows]
     table = schemas.to_table("sidecar", sidecar_rows)
-
     samples = []
-    for row, sc in zip(rows, sidecar_rows):
-        members = list(media[row["uid"]])
+    for sc, members in zip(sidecar_rows, media):
+        members = list(members)
         if sc.get("text") is not None:
             members.append(("txt", sc["text"].encode()))
         members.append(("json", sample_json(sc)))
         samples.append((sc["key"], members))
-    data = tar_bytes(samples)
-
-    atomic_write_bytes(tar_path, data)
-    embeddings = _embedding_matrix(rows)
-    if embeddings is not None:
+    atomic_write_bytes(tar_path, tar_bytes(samples))
+    matrix = _embedding_matrix(embeddings or [])
+    if matrix is not None:
         buf = io.BytesIO()
-        np.save(buf, embeddings, allow_pickle=False)
+        np.save(buf, matrix, allow_pickle=False)
         atomic_write_bytes(embeddings_path(tar_path), buf.getvalue())
-    sidecar = tar_path.with_suffix(".parquet")
-    atomic_write_parquet(table, sidecar)  # last: a shard is done once its sidecar exists
+    atomic_write_parquet(table, tar_path.with_suffix(".parquet"))  # last: a shard is done once its sidecar exists
     return shard_entry(tar_path)
 
 
@@ -103,12 +88,11 @@ def embeddings_path(tar_path: Path) -> Path:
     return tar_path.with_suffix(".clip.npy")
 
 
-def _embedding_matrix(rows: list[dict]) -> np.ndarray | None:
-    vectors = [r.get(EMBEDDING_COLUMN) for r in rows]
+def _embedding_matrix(vectors: list[bytes | None]) -> np.ndarray | None:
     present = [np.frombuffer(v, dtype=np.float16) for v in vectors if v is not None]
     if not present:
         return None
-    out = np.full((len(rows), present[0].shape[0]), np.nan, dtype=np.float16)
+    out = np.full((len(vectors), present[0].shape[0]), np.nan, dtype=np.float16)
     for i, v in enumerate(vectors):
         if v is not None:
             out[i] = np.frombuffer(v, dtype=np.float16)

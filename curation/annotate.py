@@ -1,0 +1,220 @@
+"""Stage A: raw shards -> annotated rows, committed per raw shard by the workers.
+
+Ray Data reads each raw shard once (blocks of READ_BLOCK_ROWS rows, media validated
+for the tier on the way), runs the map operators in actor pools, and a last task writes
+each batch's rows as parquet "parts" under `_work/annotated/<raw shard>/` after routing
+them to tiers (tier predicates are row-local, so they run here, in parallel, on real
+rows as early as possible). The driver receives only (raw shard, part, rows) triples;
+when every sample of a raw shard is in acknowledged parts it writes the shard's commit
+marker `<raw shard>.done.json` naming them. A re-run skips committed shards and
+deletes whatever an interrupted attempt left for the others, so a SIGKILL at any
+point loses or duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import rawshards, schemas
+from .config import OpSpec, PipelineConfig
+from .errors import AccountingError
+from .fsutil import atomic_write_text
+from .ids import seeded_rank
+from .ops.clip import EMBEDDING_COLUMN
+from .tiers import routing
+
+INT_COLUMNS = ("width", "height", "num_bytes", "num_images", "num_frames")
+# Working columns that are bytes, never sidecar columns: media, and embeddings (saved as .npy).
+BINARY_COLUMNS = ("image_bytes", EMBEDDING_COLUMN)
+READ_BLOCK_ROWS = 64  # rows per block out of a raw shard: enough blocks to keep every actor busy
+PART_ROWS = 1024  # rows per part file a worker writes (parts never mix raw shards)
+
+
+def stage_schema(columns: list[str]) -> pa.Schema:
+    sidecar = schemas.arrow_schema("sidecar")
+    fields = []
+    for col in columns:
+        if col in BINARY_COLUMNS:
+            fields.append(pa.field(col, pa.binary()))
+        elif col in sidecar.names:
+            fields.append(sidecar.field(col))
+        else:
+            fields.append(pa.field(col, pa.string()))
+    return pa.schema(fields)
+
+
+def validate_media(row: dict, files: dict[str, bytes]) -> None:
+    """Check now that the writer will be able to carry this sample (every image of a
+    document under the pixel cap and decodable, a video that opens), and record what
+    the tier will hold. A sample that cannot be written fails here, in the ledger,
+    instead of stopping stage C."""
+    from .media import MediaError, tier_members
+
+    if row["status"] != "kept":
+        return
+    try:
+        _, updates = tier_members(row, files)
+    except MediaError as exc:
+        row.update(status="failed", reason=exc.reason, error=str(exc)[:300])
+        return
+    row.update(updates)
+
+
+def read_raw_shards(batch: dict) -> Iterator[pa.Table]:
+    """map_batches function: raw shard paths -> their sample rows (with media bytes), as
+    Arrow tables of READ_BLOCK_ROWS rows. One block per shard would give a pool's
+    second actor nothing to do until the next shard, and no overlap between stages."""
+    schema = stage_schema(list(rawshards.READ_COLUMNS))
+    rows: list[dict] = []
+    for path, source in zip(batch["path"], batch["source"]):
+        for row, files in rawshards.read_shard(Path(path), source):
+            validate_media(row, files)
+            rows.append({c: row.get(c) for c in schema.names})
+            if len(rows) == READ_BLOCK_ROWS:
+                yield pa.Table.from_pylist(rows, schema=schema)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=schema)
+
+
+class StageActor:
+    """One actor of a fused stage: builds its operators once, then runs them in order
+    on every batch. Returns Arrow with a fixed schema so blocks always concatenate."""
+
+    def __init__(self, specs: list[OpSpec]):
+        self.ops = [s.build() for s in specs]
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        for op in self.ops:
+            batch = op(batch)
+        batch = batch.drop(columns=[c for c in batch.columns if c.startswith("_")])
+        for col in INT_COLUMNS:
+            if col in batch.columns:
+                batch[col] = pd.array(batch[col].map(lambda v: None if pd.isna(v) else int(v)), dtype="Int64")
+        return pa.Table.from_pandas(batch, schema=stage_schema(list(batch.columns)), preserve_index=False)
+
+
+def fuse(specs: tuple[OpSpec, ...]) -> list[list[OpSpec]]:
+    """Group consecutive fusable CPU operators with identical resources into one stage."""
+    stages: list[list[OpSpec]] = []
+    for spec in specs:
+        prev = stages[-1][-1] if stages else None
+        if prev and spec.cls.fusable and prev.cls.fusable and spec.resources == prev.resources:
+            stages[-1].append(spec)
+        else:
+            stages.append([spec])
+    return stages
+
+
+def write_parts(batch: pa.Table, parts_root: str, tiers, seed: int) -> pa.Table:
+    """Last task of stage A: route the batch's kept rows to tiers, give every row its
+    seeded tier-order rank, and write one part per raw shard in the batch. Returns
+    only (raw_shard, part, rows) for the driver."""
+    frame = batch.drop_columns([c for c in ("image_bytes",) if c in batch.column_names]).to_pandas()
+    frame["tier_rank"] = [seeded_rank(seed, u) for u in frame["uid"]]
+    live = frame["status"] == "kept"
+    frame["tier"] = None
+    if live.any():
+        tiers_of, errors = routing.route_rows(frame[live], tiers)
+        frame.loc[live, "tier"] = tiers_of
+        bad = errors.notna()
+        if bad.any():
+            idx = errors[bad].index
+            frame.loc[idx, "status"] = "failed"
+            frame.loc[idx, "reason"] = "routing_error"
+            frame.loc[idx, "error"] = errors[bad]
+    out = {"raw_shard": [], "part": [], "rows": []}
+    for name, part in frame.groupby("raw_shard", sort=False):
+        folder = Path(parts_root) / Path(name).stem
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{uuid.uuid4().hex}.parquet"
+        table = pa.Table.from_pandas(part.reset_index(drop=True), schema=stage_schema(list(part.columns)), preserve_index=False)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+        out["raw_shard"].append(name)
+        out["part"].append(path.name)
+        out["rows"].append(len(part))
+    return pa.table({"raw_shard": pa.array(out["raw_shard"], pa.string()), "part": pa.array(out["part"], pa.string()),
+                     "rows": pa.array(out["rows"], pa.int64())})
+
+
+def marker_path(annotated: Path, raw_shard: Path | str) -> Path:
+    return annotated / f"{Path(raw_shard).stem}.done.json"
+
+
+def committed_parts(annotated: Path, raw_shard: Path) -> list[Path]:
+    doc = json.loads(marker_path(annotated, raw_shard).read_text())
+    return [annotated / raw_shard.stem / p for p in doc["parts"]]
+
+
+def _commit(annotated: Path, raw_shard: str, parts: list[str], rows: int) -> None:
+    atomic_write_text(marker_path(annotated, raw_shard), json.dumps({"parts": sorted(parts), "rows": rows}) + "\n")
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
+
+def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int], annotated: Path, source: str) -> int:
+    """Annotate every raw shard not yet committed. Returns the raw bytes it read."""
+    import ray.data
+
+    from .runtime.ray_env import READ_TASK_CPUS, cluster_cpus, cluster_gpus, node_cpus, plan_pools
+
+    annotated.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in shards if not marker_path(annotated, p).exists()]
+    for p in todo:  # whatever an interrupted attempt left behind is not acknowledged: start clean
+        shutil.rmtree(annotated / p.stem, ignore_errors=True)
+    for p in [p for p in todo if counts[p.name] == 0]:
+        _commit(annotated, p.name, [], 0)
+    todo = [p for p in todo if counts[p.name] > 0]
+    if not todo:
+        return 0
+    ds = ray.data.from_items([{"path": str(p), "source": source} for p in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(read_raw_shards, batch_size=1, num_cpus=READ_TASK_CPUS)
+    stages = fuse(cfg.map_ops)
+    gpus = cluster_gpus()
+    # A model operator's GPU share applies where there are GPUs; elsewhere it runs on CPU.
+    import dataclasses
+
+    wanted = [s[0].resources if gpus else dataclasses.replace(s[0].resources, num_gpus=0) for s in stages]
+    pools = plan_pools(wanted, cluster_cpus(), gpus, heavy=[not s[0].cls.fusable for s in stages], nodes=node_cpus())
+    for stage, res, (size, num_cpus) in zip(stages, wanted, pools):
+        ds = ds.map_batches(
+            StageActor, fn_constructor_kwargs={"specs": stage}, batch_format="pandas",
+            batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=size),
+            num_cpus=num_cpus, num_gpus=res.num_gpus,
+        )
+    ds = ds.map_batches(write_parts, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=READ_TASK_CPUS,
+                        fn_kwargs={"parts_root": str(annotated), "tiers": cfg.tiers, "seed": cfg.seed})
+
+    acked: dict[str, list[str]] = defaultdict(list)
+    got: dict[str, int] = defaultdict(int)
+    bar = _progress(sum(counts[p.name] for p in todo), "curate")
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for name, part, n in zip(*(batch.column(c).to_pylist() for c in ("raw_shard", "part", "rows"))):
+            acked[name].append(part)
+            got[name] += n
+            if got[name] == counts[name]:
+                _commit(annotated, name, acked.pop(name), got[name])
+            elif got[name] > counts[name]:
+                raise AccountingError(f"raw shard {name}: got {got[name]} rows back for {counts[name]} samples")
+            bar.update(n)
+    bar.close()
+    missing = [p.name for p in todo if not marker_path(annotated, p).exists()]
+    if missing:
+        raise AccountingError(f"samples missing after stage A for raw shards {missing[:5]}")
+    return sum(p.stat().st_size for p in todo)
