@@ -247,7 +247,7 @@ def assign_shards(con: duckdb.DuckDBPyConnection, tiers: list[str], max_samples:
     in chunks, so memory is bounded whatever the tier's size."""
     con.execute("CREATE OR REPLACE TABLE _assign (uid VARCHAR, shard_id BIGINT, pos BIGINT)")
     cursor = con.cursor()  # streams a tier while `con` inserts its assignments
-    con.execute("CREATE OR REPLACE TABLE shards (shard_id BIGINT, tier VARCHAR, name VARCHAR, samples BIGINT)")
+    con.execute("CREATE OR REPLACE TABLE shards (shard_id BIGINT, tier VARCHAR, name VARCHAR, samples BIGINT, bytes BIGINT)")
     next_id = 0
     for tier in tiers:
         reader = cursor.sql(f"""SELECT uid, coalesce(num_bytes, 0)::BIGINT AS num_bytes FROM samples
@@ -263,9 +263,10 @@ def assign_shards(con: duckdb.DuckDBPyConnection, tiers: list[str], max_samples:
             con.unregister("_chunk")
         if state is not None:
             used = state["shard"] + (1 if state["count"] else 0)
-            con.execute(f"""INSERT INTO shards SELECT shard_id, {sql_str(tier)},
-                               {sql_str(tier)} || '-' || lpad((shard_id - {next_id})::VARCHAR, 6, '0'), count(*)
-                            FROM _assign WHERE shard_id >= {next_id} GROUP BY shard_id""")
+            con.execute(f"""INSERT INTO shards SELECT a.shard_id, {sql_str(tier)},
+                               {sql_str(tier)} || '-' || lpad((a.shard_id - {next_id})::VARCHAR, 6, '0'), count(*),
+                               sum(coalesce(s.num_bytes, 0))
+                            FROM _assign a JOIN samples s USING (uid) WHERE a.shard_id >= {next_id} GROUP BY a.shard_id""")
             next_id += used
     con.execute("ALTER TABLE samples ADD COLUMN IF NOT EXISTS shard_id BIGINT")
     con.execute("ALTER TABLE samples ADD COLUMN IF NOT EXISTS pos BIGINT")
@@ -279,7 +280,7 @@ class Decision:
     """What stage B leaves for stage C and the ledger."""
 
     folder: Path
-    shards: list[dict]  # shard_id, tier, name, samples
+    shards: list[dict]  # shard_id, tier, name, samples, bytes (media)
     counts: dict[str, int]
 
     @property
@@ -342,8 +343,8 @@ def export(con: duckdb.DuckDBPyConnection, folder: Path, raw_names: list[str], l
             ledger_exprs.append(f'NULL AS "{col}"')
     con.execute(f"""COPY (SELECT {', '.join(ledger_exprs)} FROM samples ORDER BY uid)
                     TO {sql_str(str(folder / 'ledger.parquet'))} (FORMAT parquet)""")
-    shards = [dict(zip(("shard_id", "tier", "name", "samples"), r))
-              for r in con.execute("SELECT shard_id, tier, name, samples FROM shards ORDER BY shard_id").fetchall()]
+    shards = [dict(zip(("shard_id", "tier", "name", "samples", "bytes"), r))
+              for r in con.execute("SELECT shard_id, tier, name, samples, bytes FROM shards ORDER BY shard_id").fetchall()]
     counts = dict(con.execute("SELECT status, count(*) FROM samples GROUP BY status").fetchall())
     decision = Decision(folder, shards, {k: int(v) for k, v in counts.items()})
     (folder / "shards.json").write_text(json.dumps({"shards": shards, "counts": decision.counts}, indent=1) + "\n")

@@ -32,6 +32,7 @@ from .writer import write_manifest, write_shard
 MEDIA_SCHEMA = pa.schema([("shard_id", pa.int64()), ("pos", pa.int64()), ("names", pa.list_(pa.string())),
                           ("datas", pa.list_(pa.binary())), ("embedding", pa.binary())])
 BLOCK_BYTES = 64 << 20  # a read task yields its media in blocks of about this size
+PARTITION_BYTES = 256 << 20  # media per shuffle partition (a reduce task holds one)
 
 
 def read_picked(batch: dict, pending_path: str | None, stats_dir: str) -> Iterator[pa.Table]:
@@ -103,7 +104,7 @@ def build_tiers(cfg, decision: Decision, raw_shards: list[Path], parts: dict[str
     manifests and the raw bytes read."""
     import ray.data
 
-    from ..runtime.ray_env import READ_TASK_CPUS
+    from ..runtime.ray_env import READ_TASK_CPUS, cluster_cpus
 
     tiers_dir, entries_dir, stats_dir = out / "tiers", work / "entries", work / "read_stats"
     entries_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,11 @@ def build_tiers(cfg, decision: Decision, raw_shards: list[Path], parts: dict[str
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(read_picked, batch_size=1, num_cpus=READ_TASK_CPUS,
                             fn_kwargs={"pending_path": str(pending_path) if pending_path else None, "stats_dir": str(stats_dir)})
-        ds = ds.groupby("shard_id").map_groups(
+        # Reduce partitions hold whole tier shards: enough of them that each stays near
+        # PARTITION_BYTES, and at least one per CPU so writing runs in parallel.
+        media_bytes = sum(s["bytes"] for s in pending)
+        partitions = max(1, min(len(pending), max(int(cluster_cpus()) * 2, -(-media_bytes // PARTITION_BYTES))))
+        ds = ds.groupby("shard_id", num_partitions=partitions).map_groups(
             write_group, batch_format="pyarrow", num_cpus=0.5,
             fn_kwargs={"sidecars_dir": str(decision.sidecars), "tiers_dir": str(tiers_dir), "entries_dir": str(entries_dir)})
         bar = _progress(sum(s["samples"] for s in decision.shards), "write tiers")
