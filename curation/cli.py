@@ -81,9 +81,9 @@ def cmd_crawl(args) -> None:
 
 def cmd_run(args) -> None:
     from . import config
-    from .runner import run_pipeline
 
-    cfg = config.load(args.pipeline)
+    cfg = config.load(args.pipeline)  # every recipe mistake is reported before Ray or the runner is imported
+    from .runner import run_pipeline
     summary = run_pipeline(cfg, args.input, args.out, ray_address=args.ray_address)
     _print_summary(summary, Path(args.out))
 
@@ -96,6 +96,13 @@ def cmd_export(args) -> None:
     print(f"  conversations: {result['json']}")
     print(f"  data yaml:     {result['yaml']}")
     print(f"  image_folder:  {Path(args.out) / 'images'}   video_folder: {Path(args.out) / 'videos'}")
+    skipped = result.get("skipped") or []
+    if skipped:  # names from data that would leave --out, or samples that do not add up: never written
+        print(f"skipped {len(skipped)} sample(s) or shard(s), nothing of them written:", file=sys.stderr)
+        for s in skipped[:20]:
+            print(f"  {s['shard']} {s['key'] or ''}: {s['reason']}", file=sys.stderr)
+        if len(skipped) > 20:
+            print(f"  ... and {len(skipped) - 20} more", file=sys.stderr)
 
 
 def cmd_plan(args) -> None:
@@ -175,7 +182,7 @@ def cmd_query(args) -> None:
     try:
         _run_query(args)
     except duckdb.Error as exc:  # DuckDB binds in sql() but executes on output
-        raise CurationError(f"query failed: {str(exc).splitlines()[0]}") from None
+        raise CurationError(f"query failed: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
     except OSError as exc:
         raise CurationError(f"cannot write {args.output}: {exc.strerror or exc}") from None
 
@@ -190,7 +197,10 @@ def _run_query(args) -> None:
     if args.format == "parquet":
         if not args.output:
             raise CurationError("--format parquet needs --output FILE")
-        rel.to_parquet(args.output)
+        import pyarrow.parquet as pq
+
+        # Written here, not by DuckDB: the catalog's connection may not write files.
+        pq.write_table(rel.to_arrow_table(), args.output)
         return
     frame = rel.df()
     target = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout

@@ -20,6 +20,7 @@ import yaml
 
 from .errors import ConfigError
 from .ops import GlobalOp, MapOp, Operator, Resources, registry
+from .rawshards import READ_COLUMNS
 
 TIER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
@@ -110,7 +111,15 @@ class PipelineConfig:
 def _require_mapping(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+    odd = [k for k in value if not isinstance(k, str)]
+    if odd:  # YAML 1.1 reads `on:`, `no:`, `1:` as booleans and numbers
+        raise ConfigError(f"{where}: keys must be names (strings), got {_short(odd[0])}; quote it")
     return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parse_op(entry: Any, where: str) -> OpSpec:
@@ -120,11 +129,15 @@ def _parse_op(entry: Any, where: str) -> OpSpec:
         raise ConfigError(f"{where}: each operator needs 'op: NAME'")
     ops = registry()
     if name not in ops:
-        raise ConfigError(f"{where}: unknown operator '{name}'; known: {', '.join(sorted(ops))}")
+        raise ConfigError(f"{where}: unknown operator {_short(name)}; known: {', '.join(sorted(ops))}")
     cls = ops[name]
     res_overrides = _require_mapping(entry.pop("resources", {}) or {}, f"{where}.resources")
     written = {k: v for k, v in entry.items() if isinstance(v, str) and ENV_REF.search(v)}
-    params = cls.parse_params({k: _expand_env(v, f"{where}.{k}") for k, v in entry.items()}, where)
+    expanded = {k: _expand_env(v, f"{where}.{k}") for k, v in entry.items()}
+    try:
+        params = cls.parse_params(expanded, where, written)
+    except ConfigError as exc:  # messages quote options as written: never an environment variable's value
+        raise ConfigError(_redact(str(exc), expanded, written)) from None
     if issubclass(cls, MapOp):
         return OpSpec(name, cls, params, cls.resources.with_overrides(res_overrides, where), written)
     if res_overrides:
@@ -151,6 +164,20 @@ def _expand_env(value: Any, where: str) -> Any:
     return ENV_REF.sub(sub, value)
 
 
+def _redact(message: str, expanded: dict, written: dict) -> str:
+    """Put back the `${VAR}` form of every expanded option (and every variable's value)
+    in an error message, so a message never prints what the environment holds."""
+    swaps = [(expanded[k], w) for k, w in written.items() if isinstance(expanded.get(k), str) and expanded[k]]
+    for w in written.values():
+        for m in ENV_REF.finditer(w):
+            value = os.environ.get(m.group(1), "")
+            if len(value) >= 3:  # shorter values are no secret, and replacing them would garble the text
+                swaps.append((value, m.group(0)))
+    for value, shown in sorted(swaps, key=lambda s: -len(s[0])):
+        message = message.replace(value, shown)
+    return message
+
+
 def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
     doc = _require_mapping(doc, f"{path}: the top level")
     allowed = {"name", "description", "version", "seed", "ops", "tiers", "shard", "stages"}
@@ -158,6 +185,10 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     name = doc.get("name") or Path(path).stem
+    if not isinstance(name, str) or len(name) > 200 or not name.isprintable():
+        raise ConfigError(f"{path}: name must be a short single-line string, got {_short(name)}")
+    if not isinstance(doc.get("description", ""), str):
+        raise ConfigError(f"{path}: description must be a string")
     seed = doc.get("seed", 0)
     version = doc.get("version")
     version = None if version is None else str(version)
@@ -175,6 +206,7 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
         raise ConfigError(f"{path}: map operators must come before global ones ({specs[first_global].name} is global)")
     if not map_ops or map_ops[0].name != "decode_image":
         raise ConfigError(f"{path}: the first operator must be decode_image")
+    _check_requirements(specs, path)
 
     tiers_raw = doc.get("tiers")
     if not isinstance(tiers_raw, list) or not tiers_raw:
@@ -190,6 +222,8 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
             raise ConfigError(f"{path}: tiers[{i}]: name must match {TIER_NAME.pattern}, got {tname!r}")
         if not isinstance(where, str) or not where.strip():
             raise ConfigError(f"{path}: tiers[{i}] ({tname}): 'where' must be a SQL predicate string")
+        if not _one_expression(where):
+            raise ConfigError(f"{path}: tiers[{i}] ({tname}): 'where' must be one SQL expression, not statements")
         tiers.append(TierRule(tname, where.strip()))
     names = [t.name for t in tiers]
     if len(set(names)) != len(names):
@@ -216,6 +250,44 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
                           ShardPolicy(max_samples, max_bytes), stages)
 
 
+# What the reader gives every sample before any operator runs. width, height and sha256
+# are left out: the reader fills them for video only (from the crawl's probe); for images
+# decode_image writes them, so operators that need them need decode_image.
+READER_PROVIDES = frozenset(c for c in READ_COLUMNS if c not in ("width", "height", "sha256"))
+
+
+def _check_requirements(specs: list[OpSpec], path: str) -> None:
+    """Every column an operator needs is written by an earlier operator or the reader:
+    a recipe that cannot work fails here, before any work, not at the end of stage A."""
+    available = set(READER_PROVIDES)
+    for i, spec in enumerate(specs):
+        missing = [c for c in spec.cls.required(spec.params) if c not in available]
+        if missing:
+            col = missing[0]
+            writers = []
+            for name, cls in sorted(registry().items()):
+                if col in cls.provides(None):
+                    hint = getattr(cls, "provides_hint", {}).get(col)
+                    writers.append(f"{name} ({hint})" if hint else name)
+            fix = f"; put {' or '.join(writers)} before it" if writers else ""
+            raise ConfigError(f"{path}: ops[{i}] ({spec.name}) needs the column '{col}', which no earlier "
+                              f"operator writes{fix}")
+        available |= set(spec.cls.provides(spec.params))
+
+
+def _one_expression(where: str) -> bool:
+    """False if a predicate closes its parentheses to smuggle in more statements
+    (`true); CREATE ...; SELECT (1`). Syntax errors are left to routing.check_rules,
+    which names them."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(f"SELECT 1 WHERE ({where})")
+    except duckdb.Error:
+        return True
+    return len(statements) == 1 and statements[0].type == duckdb.StatementType.SELECT
+
+
 def _parse_stages(raw: Any, tier_names: set[str], path: str) -> tuple[Stage, ...]:
     """stages: [{name, mix: [{tier, strategy}]}]: which tiers a training stage reads, and how much."""
     if not isinstance(raw, list):
@@ -225,11 +297,13 @@ def _parse_stages(raw: Any, tier_names: set[str], path: str) -> tuple[Stage, ...
         st = _require_mapping(st, f"{path}: stages[{i}]")
         if set(st) - {"name", "mix"} or not isinstance(st.get("name"), str) or not isinstance(st.get("mix"), list) or not st["mix"]:
             raise ConfigError(f"{path}: stages[{i}] needs 'name' and a non-empty 'mix' list (and nothing else)")
+        if any(s.name == st["name"] for s in stages):
+            raise ConfigError(f"{path}: stages[{i}]: stage name {st['name']!r} repeats")
         mix = []
         for j, m in enumerate(st["mix"]):
             m = _require_mapping(m, f"{path}: stages[{i}].mix[{j}]")
             tier, strategy = m.get("tier"), str(m.get("strategy", "all")).replace(" ", "")
-            if tier not in tier_names:
+            if not isinstance(tier, str) or tier not in tier_names:
                 raise ConfigError(f"{path}: stages[{i}] ({st['name']}): unknown tier {tier!r}; tiers are {sorted(tier_names)}")
             if not STRATEGY.match(strategy) or strategy.endswith("%") and int(strategy.split(":")[1][:-1]) > 100:
                 raise ConfigError(f"{path}: stages[{i}] ({st['name']}): strategy {strategy!r} must be all, first:N, "
@@ -243,12 +317,61 @@ def load(path: str | Path) -> PipelineConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pipeline file not found: {path}")
+    return parse(load_yaml(path), str(path))
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything near this is not one
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (data only, never code) that also refuses anchors and aliases,
+    so a small file cannot expand into gigabytes ("billion laughs"), and refuses a key
+    that repeats in one mapping (YAML would silently keep the last one)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name, <<: *name) are not "
+                                              "allowed in a pipeline; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(None, None, f"key {_short(key)} repeats in one mapping",
+                                                                key_node.start_mark)
+                    seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: Path) -> Any:
+    """A recipe file's YAML: at most MAX_RECIPE_BYTES, UTF-8, data only, no aliases.
+    Every problem is one ConfigError."""
     try:
-        # safe_load: pipeline files are data, never code.
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read pipeline {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_RECIPE_BYTES // (1 << 20)} MiB; a pipeline is a short YAML file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                          "save the pipeline as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from None
-    return parse(doc, str(path))
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None

@@ -18,9 +18,12 @@ Adding an operator is a new module in curation/ops/ with a class decorated by
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import traceback
-from typing import Any, ClassVar
+import types
+import typing
+from typing import Any, ClassVar, Literal, Union
 
 import pandas as pd
 
@@ -66,6 +69,9 @@ class Resources:
 class Operator:
     name: ClassVar[str]
     version: ClassVar[str] = "1"
+    # Columns that must exist before this operator runs: written by an earlier operator
+    # or by the reader (curation.rawshards.READ_COLUMNS). config.parse checks them.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     @dataclasses.dataclass
     class Params:
@@ -75,21 +81,42 @@ class Operator:
         self.params = params
 
     @classmethod
-    def parse_params(cls, raw: dict[str, Any], where: str) -> "Operator.Params":
+    def provides(cls, params: "Operator.Params | None") -> tuple[str, ...]:
+        """Columns this operator writes with these params (default: `outputs`). With
+        None: every column it can write under some params (for error hints)."""
+        return tuple(getattr(cls, "outputs", ()))
+
+    @classmethod
+    def required(cls, params: "Operator.Params") -> tuple[str, ...]:
+        """Columns this operator needs with these params (default: `requires`)."""
+        return tuple(cls.requires)
+
+    @classmethod
+    def parse_params(cls, raw: dict[str, Any], where: str, written: dict[str, Any] | None = None) -> "Operator.Params":
+        """Options from YAML -> Params. Every option is checked against its annotation
+        (str, bool, int, float, list[...], tuple[...], dict[...], X | None, Literal[...]).
+        `written`: options as the recipe spells them (before ${VAR} expansion); error
+        messages quote those, never an environment variable's value."""
+        written = written or {}
         fields = {f.name: f for f in dataclasses.fields(cls.Params)}
         unknown = set(raw) - set(fields)
         if unknown:
-            raise ConfigError(f"{where} ({cls.name}): unknown option(s) {sorted(unknown)}; known: {sorted(fields) or 'none'}")
+            raise ConfigError(f"{where} ({cls.name}): unknown option(s) {sorted(map(str, unknown))}; "
+                              f"known: {sorted(fields) or 'none'}")
+        hints = _param_hints(cls.Params)
+        values = {}
+        for key, value in raw.items():
+            expected = hints.get(key, Any)
+            ok, value = _conform(value, expected)
+            if not ok:
+                shown = written.get(key, raw[key])
+                raise ConfigError(f"{where} ({cls.name}): option '{key}' must be {_expected(expected)}, "
+                                  f"got {_shown(shown)}")
+            values[key] = value
         try:
-            params = cls.Params(**raw)
+            params = cls.Params(**values)
         except TypeError as exc:
             raise ConfigError(f"{where} ({cls.name}): {exc}") from None
-        for f in fields.values():
-            value = getattr(params, f.name)
-            if f.type in (int, "int") and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{where} ({cls.name}): option '{f.name}' must be an integer, got {value!r}")
-            if f.type in (float, "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ConfigError(f"{where} ({cls.name}): option '{f.name}' must be a number, got {value!r}")
         cls.check_params(params, where)
         return params
 
@@ -109,6 +136,115 @@ class Operator:
         batch.loc[index, "status"] = "failed"
         batch.loc[index, "reason"] = reason
         batch.loc[index, "error"] = error
+
+
+# Option type checks (Operator.parse_params) --------------------------------------
+_YAML_TYPE = {str: "a string", bool: "true or false", int: "an integer", float: "a number", list: "a list",
+              tuple: "a list", dict: "a mapping", type(None): "null"}
+
+
+def _param_hints(params_cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(params_cls)
+    except Exception:  # an annotation that does not evaluate: check what can be read
+        basic = {"str": str, "bool": bool, "int": int, "float": float, "list": list, "dict": dict}
+        return {f.name: basic.get(f.type, Any) if isinstance(f.type, str) else f.type
+                for f in dataclasses.fields(params_cls)}
+
+
+def _conform(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, value): whether a YAML value fits the annotation, and the value to keep
+    (YAML lists become tuples for tuple options; nothing else is converted)."""
+    if tp is Any or tp is object:
+        return True, value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            ok, conformed = _conform(value, arg)
+            if ok:
+                return True, conformed
+        return False, value
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args), value
+    if tp is type(None) or tp is None:
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and not (isinstance(value, float) and math.isnan(value))), value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                return False, value
+            item_types = list(args)
+        else:
+            item_types = [args[0] if args else Any] * len(value)
+        items = []
+        for item, item_tp in zip(value, item_types):
+            ok, item = _conform(item, item_tp)
+            if not ok:
+                return False, value
+            items.append(item)
+        return True, (tuple(items) if (tp is tuple or origin is tuple) else items)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        key_tp, val_tp = args if len(args) == 2 else (Any, Any)
+        out = {}
+        for k, v in value.items():
+            ok_k, k = _conform(k, key_tp)
+            ok_v, v = _conform(v, val_tp)
+            if not (ok_k and ok_v):
+                return False, value
+            out[k] = v
+        return True, out
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value  # an annotation we do not know how to check
+
+
+def _expected(tp: Any) -> str:
+    """An annotation in the words of a YAML author."""
+    if tp is Any or tp is object:
+        return "any value"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_expected(a) for a in args))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple) and args and not (origin is tuple and not (len(args) == 2 and args[1] is Ellipsis)):
+        inner = _expected(args[0])
+        return "a list" if inner == "any value" else f"a list of {_plural(inner)}"
+    if origin is tuple:
+        return f"a list of {len(args)} items ({', '.join(_expected(a) for a in args)})"
+    if origin is dict and len(args) == 2:
+        return f"a mapping of {_plural(_expected(args[0]))} to {_plural(_expected(args[1]))}"
+    if origin is not None:
+        tp = origin
+    return _YAML_TYPE.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _plural(phrase: str) -> str:
+    for article in ("an ", "a "):
+        if phrase.startswith(article):
+            return phrase[len(article):] + "s"
+    return phrase
+
+
+def _shown(value: Any) -> str:
+    """A value as it appeared in the recipe: repr, shortened, with its YAML type."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    kind = _YAML_TYPE.get(type(value), type(value).__name__)
+    return f"{text} ({kind})"
 
 
 class MapOp(Operator):

@@ -149,6 +149,10 @@ class Caption(MapOp):
         videos: bool = True  # caption video rows per scene
 
     @classmethod
+    def required(cls, params):
+        return ("ocr_text",) if params.ocr_context else ()
+
+    @classmethod
     def check_params(cls, params, where):
         def bad(msg):
             raise ConfigError(f"{where} (caption): {msg}")

@@ -87,6 +87,7 @@ class PerceptualHash(MapOp):
 
     name = "perceptual_hash"
     version = "1"
+    requires = ("width", "height")  # decode_image: the image was decoded within the pixel cap
     kinds = ("image_text", "interleaved")
     outputs = ("phash",)
 
@@ -101,6 +102,7 @@ class ImageQuality(MapOp):
 
     name = "image_quality"
     version = "1"
+    requires = ("width", "height")  # decode_image: the image was decoded within the pixel cap
     kinds = ("image_text", "interleaved")
 
     @dataclasses.dataclass

@@ -5,10 +5,14 @@ normalised probability); with `keep`, samples in other languages are dropped."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pandas as pd
 
+from ..errors import ConfigError
 from .base import MapOp, Resources, register
+
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
 
 
 @register
@@ -21,8 +25,17 @@ class LanguageId(MapOp):
     @dataclasses.dataclass
     class Params:
         min_chars: int = 12  # shorter text is too little evidence: language stays null
-        keep: list = dataclasses.field(default_factory=list)  # e.g. [en]; empty keeps every language
+        keep: list[str] = dataclasses.field(default_factory=list)  # e.g. [en]; empty keeps every language
         include_ocr: bool = True
+
+    @classmethod
+    def check_params(cls, params, where):
+        if params.min_chars < 0:
+            raise ConfigError(f"{where} (language): min_chars must be >= 0")
+        bad = [code for code in params.keep if not LANGUAGE_CODE.match(code)]
+        if bad:  # py3langid names languages by lower-case ISO 639-1 codes: 'EN' would keep nothing
+            raise ConfigError(f"{where} (language): keep takes lower-case ISO 639-1 codes such as en, de, zh; "
+                              f"got {bad[:5]}")
 
     def __init__(self, params):
         super().__init__(params)

@@ -17,6 +17,7 @@ class VideoQuality(MapOp):
     name = "video_quality"
     version = "1"
     kinds = ("video",)
+    requires = ("duration",)  # the crawl's probe (width and height too, for videos)
 
     @dataclasses.dataclass
     class Params:
