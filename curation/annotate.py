@@ -217,4 +217,9 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     missing = [p.name for p in todo if not marker_path(annotated, p).exists()]
     if missing:
         raise AccountingError(f"samples missing after stage A for raw shards {missing[:5]}")
+    for p in todo:  # a retried task may have left a part nobody acknowledged
+        listed = {f.name for f in committed_parts(annotated, p)}
+        for stray in (annotated / p.stem).glob("*"):
+            if stray.name not in listed:
+                stray.unlink()
     return sum(p.stat().st_size for p in todo)

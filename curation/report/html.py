@@ -138,10 +138,10 @@ def write_report(root: str | Path) -> Path:
     run_root = find_run_root(root)
     con = connect(run_root)
     annotated = run_root / "_work" / "annotated"
-    if any(annotated.glob("*.parquet")):
+    if any(annotated.glob("*/*.parquet")):
         # phash lives in the intermediate annotations; the final reason and dup_of in the ledger.
         con.execute(f"CREATE VIEW annotated AS SELECT a.uid, a.phash, l.reason, l.dup_of "
-                    f"FROM read_parquet('{annotated}/*.parquet', union_by_name=true) a JOIN ledger l USING (uid)")
+                    f"FROM read_parquet('{annotated}/*/*.parquet', union_by_name=true) a JOIN ledger l USING (uid)")
     summary = json.loads((run_root / "summary.json").read_text())
     totals = con.sql("SELECT status, count(*) FROM ledger GROUP BY status ORDER BY status").fetchall()
     sections = [

@@ -6,9 +6,9 @@ import logging
 import math
 import os
 import socket
-from pathlib import Path
 
 from ..errors import CurationError
+from ..paths import PACKAGE_DIR
 
 
 def _check_reachable(address: str) -> None:
@@ -34,11 +34,13 @@ def start_ray(address: str | None = None) -> None:
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         if address:
-            # Ship this package to the workers, so a cluster needs only the dependencies.
-            pkg = str(Path(__file__).resolve().parents[1])
-            ray.init(address=address, runtime_env={"py_modules": [pkg]}, **common)
+            # Ship this package to the workers, its data included (contracts/*.schema.json,
+            # recipes/*.yaml live inside it), so a cluster needs only the dependencies.
+            ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]}, **common)
         else:
-            ray.init(num_cpus=os.cpu_count() or 1, **common)
+            # "local": a Ray instance of our own. Without it ray.init() joins a cluster that
+            # `ray start` left running on this machine, without shipping the package to it.
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, **common)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise CurationError(f"cannot start or reach {where}: {str(exc).splitlines()[0]}") from None
@@ -46,6 +48,7 @@ def start_ray(address: str | None = None) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # we show one progress bar of our own
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines between our bars
 
 
 def cluster_cpus() -> float:
