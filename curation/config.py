@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .paths import find_pipeline
 from .ops import GlobalOp, MapOp, Operator, Resources, registry
 from .rawshards import READ_COLUMNS
 
@@ -314,9 +315,8 @@ def _parse_stages(raw: Any, tier_names: set[str], path: str) -> tuple[Stage, ...
 
 
 def load(path: str | Path) -> PipelineConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline file not found: {path}")
+    """A pipeline YAML file, or the name of a bundled recipe ("demo"): see paths.find_pipeline."""
+    path = find_pipeline(path)
     return parse(load_yaml(path), str(path))
 
 

@@ -1,4 +1,5 @@
-"""The data contracts in schemas/*.json, and validation of what the code writes.
+"""The data contracts in curation/contracts/*.schema.json (linked from the repository's
+schemas/), and validation of what the code writes.
 
 JSON Schema is the language-neutral contract; the Arrow schema of each parquet file is
 derived from it so column names and types cannot drift from the documented contract.
@@ -19,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .errors import CurationError
-from .paths import SCHEMAS_DIR
+from .paths import CONTRACTS_DIR
 
 _ARROW_TYPES = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
 
@@ -31,7 +32,7 @@ class SchemaViolation(CurationError):
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> dict:
     """The JSON Schema called `name` ("sidecar", "ledger", "manifest")."""
-    with open(SCHEMAS_DIR / f"{name}.schema.json", encoding="utf-8") as f:
+    with open(CONTRACTS_DIR / f"{name}.schema.json", encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -81,7 +82,7 @@ def validate_rows(name: str, rows: Iterable[dict[str, Any]]) -> None:
         err = jsonschema.exceptions.best_match(_validator(name).iter_errors(row))
         if err is not None:
             message, where = err.message, "/".join(str(p) for p in err.absolute_path) or "(row)"
-        raise SchemaViolation(f"{name} row uid={row.get('uid', '?')} breaks schemas/{name}.schema.json at {where}: {message}")
+        raise SchemaViolation(f"{name} row uid={row.get('uid', '?')} breaks contract curation/contracts/{name}.schema.json at {where}: {message}")
 
 
 def validate_document(name: str, doc: dict) -> None:

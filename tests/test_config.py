@@ -7,7 +7,7 @@ import pytest
 from curation import config
 from curation.cli import main
 from curation.errors import ConfigError
-from curation.paths import PIPELINES_DIR
+from curation.paths import RECIPES_DIR
 
 GOOD = """
 name: t
@@ -28,7 +28,7 @@ def write(tmp_path, text):
     return p
 
 
-@pytest.mark.parametrize("path", sorted(PIPELINES_DIR.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_bundled_pipelines_load(path):
     cfg = config.load(path)
     assert cfg.map_ops[0].name == "decode_image"
@@ -76,3 +76,23 @@ def test_yaml_is_loaded_safely(tmp_path):
     p = write(tmp_path, "!!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         config.load(p)
+
+
+def test_pipeline_by_name_or_path(tmp_path, monkeypatch):
+    """`curate run demo` and `curate run pipelines/demo.yaml` name the same bundled recipe;
+    a file always wins over a name; an unknown name lists the bundled recipes."""
+    from curation.paths import find_pipeline
+
+    demo = RECIPES_DIR / "demo.yaml"
+    assert find_pipeline("demo") == demo and find_pipeline("demo.yaml") == demo
+    assert config.load("demo").name == config.load(demo).name == "demo"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pipelines").mkdir()
+    mine = write(tmp_path / "pipelines", GOOD)
+    assert find_pipeline("pipelines/p.yaml") == mine.relative_to(tmp_path)
+    (tmp_path / "demo.yaml").write_text(GOOD)
+    assert config.load("demo.yaml").name == "t"  # the local file, not the bundled recipe
+    with pytest.raises(ConfigError, match="bundled recipes, usable by name: demo"):
+        find_pipeline("nope")
+    with pytest.raises(ConfigError, match="pipeline file not found: elsewhere/demo.yaml"):
+        find_pipeline("elsewhere/demo.yaml")  # a path is never looked up in the package

@@ -30,7 +30,7 @@ def test_valid_documents_pass():
     ("manifest", {**MANIFEST, "shards": [{**MANIFEST["shards"][0], "sha256": "short"}]}, "shards/0/sha256"),
 ])
 def test_violations_are_named(name, doc, where):
-    with pytest.raises(SchemaViolation, match=re.escape(f"schemas/{name}.schema.json at {where}")):
+    with pytest.raises(SchemaViolation, match=re.escape(f"curation/contracts/{name}.schema.json at {where}")):
         schemas.validate_rows(name, [doc])
 
 

@@ -13,7 +13,7 @@ from .. import config
 from ..crawl import KINDS
 from ..crawl.image_text import crawl_image_text
 from ..crawl.media import crawl_media
-from ..paths import bundled_pipeline
+from ..paths import find_pipeline
 from ..report import write_report
 from ..captioner import TRAINING_FILE as CAPTIONER_RECORD
 from ..captioner import train_captioner
@@ -84,8 +84,9 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
         m = info["metrics"]
         log(f"      held-out captions: colour precision {m['colour_precision']}, shape precision "
             f"{m['shape_precision']}, whole description right {m['description_match']}")
-    log(f"[4/4] curating with {bundled_pipeline('demo')}")
-    cfg = config.load(bundled_pipeline("demo"))
+    recipe = find_pipeline("demo")  # the bundled recipe, inside the package
+    log(f"[4/4] curating with {recipe}")
+    cfg = config.load(recipe)
     summary = run_pipeline(cfg, raw, out / "curated", ray_address=ray_address)
     summary["clip_filter"] = clip_filter_quality(out)
     summary["report"] = str(write_report(out / "curated"))
