@@ -7,9 +7,10 @@ Two kinds of operator, both configured from pipeline YAML (`- op: NAME` plus par
   of the kinds it declares,
   annotates columns, and rejects rows with `self.drop` / `self.fail` instead of removing
   them, so every sample reaches the ledger. If `process` raises on a batch, the batch is
-  retried row by row and only the offending rows are marked failed.
-* GlobalOp: needs the whole run at once (dedup, top-fraction thresholds). Runs on the
-  driver over the annotated table after every MapOp has finished.
+  retried row by row and only the offending rows are marked failed; the same error on
+  every row of a batch stops the job instead (SystematicError).
+* GlobalOp: needs the whole run at once (dedup, top-fraction thresholds). Runs in stage
+  B as SQL over an out-of-core DuckDB table after every MapOp has finished.
 
 Adding an operator is a new module in curation/ops/ with a class decorated by
 @register; nothing else changes.
@@ -27,7 +28,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import pandas as pd
 
-from ..errors import ConfigError
+from ..errors import ConfigError, CurationError
 
 LIVE = "kept"
 _ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
@@ -269,6 +270,7 @@ class MapOp(Operator):
             done = self.process(live)
         except Exception:  # isolate the bad rows instead of failing the whole batch
             done = pd.concat([self._process_one(live.loc[[i]]) for i in live.index])
+            self._check_systematic(done)
         for col in done.columns:
             if col not in batch.columns:
                 batch[col] = None
@@ -285,10 +287,28 @@ class MapOp(Operator):
             self.fail(row, row.index, f"{self.name}_error", f"{describe_error(exc)} (at {last.name}:{last.lineno})")
             return row
 
+    # A batch of at least this many rows that all raise the same error is a bug or a
+    # config error, not bad data: stop the job once instead of failing millions of rows.
+    SYSTEMATIC_MIN_ROWS: ClassVar[int] = 8
+
+    def _check_systematic(self, done: pd.DataFrame) -> None:
+        own = done["reason"] == f"{self.name}_error"
+        if len(done) >= self.SYSTEMATIC_MIN_ROWS and own.all() and done["error"].nunique() == 1:
+            raise SystematicError(f"operator {self.name} raised the same error on all {len(done)} rows of a batch "
+                                  f"(a bug or a configuration error, not bad data): {done['error'].iloc[0]}")
+
+
+class SystematicError(CurationError):
+    """The same failure on every row: stop the job with one clear error."""
+
 
 class GlobalOp(Operator):
-    def apply(self, table: pd.DataFrame) -> pd.DataFrame:
-        """Return the table with status/reason (and dup_of etc.) updated for live rows."""
+    """Needs the whole run at once (dedup, top-fraction thresholds). Runs in stage B
+    (curation/decide.py) over DuckDB table `samples`, one row per input without media,
+    out of core; it updates status / reason / dup_of of live rows with SQL, through
+    `ctx.drop`, and may run parallel tasks with `ctx.map_tasks`."""
+
+    def decide(self, ctx) -> None:
         raise NotImplementedError
 
 
