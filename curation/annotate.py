@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from . import rawshards, schemas
 from .config import OpSpec, PipelineConfig
 from .errors import AccountingError
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_parquet, atomic_write_text
 from .ids import seeded_rank
 from .ops.clip import EMBEDDING_COLUMN
 from .tiers import routing
@@ -139,9 +139,7 @@ def write_parts(batch: pa.Table, parts_root: str, tiers, seed: int) -> pa.Table:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{uuid.uuid4().hex}.parquet"
         table = pa.Table.from_pandas(part.reset_index(drop=True), schema=stage_schema(list(part.columns)), preserve_index=False)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+        atomic_write_parquet(table, path)
         out["raw_shard"].append(name)
         out["part"].append(path.name)
         out["rows"].append(len(part))

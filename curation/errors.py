@@ -15,3 +15,29 @@ class InputError(CurationError):
 
 class AccountingError(CurationError):
     """Inputs != kept + dropped + failed: a sample was lost or counted twice."""
+
+
+class DiskFullError(CurationError):
+    """No space left (or a file-size limit) while writing output; free space and resume."""
+
+
+NO_SPACE_ERRNOS = (28, 27, 122)  # ENOSPC, EFBIG, EDQUOT
+
+
+def curation_error_in(exc: BaseException) -> CurationError | None:
+    """The CurationError behind an exception that crossed Ray (a task's error arrives
+    wrapped, often twice), or None."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, CurationError):  # a RayTaskError carries the original as .cause
+            return cause
+        if isinstance(e, CurationError):
+            return e
+        stack.extend([e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None])
+    return None

@@ -11,11 +11,15 @@ from pathlib import Path
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, killed mid-write...: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -29,11 +33,15 @@ def atomic_write_parquet(data, path: str | Path) -> None:
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    if hasattr(data, "to_parquet"):
-        data.to_parquet(tmp, index=False)
-    else:
-        pq.write_table(data, tmp)
-    os.replace(tmp, path)
+    try:
+        if hasattr(data, "to_parquet"):
+            data.to_parquet(tmp, index=False)
+        else:
+            pq.write_table(data, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def file_sha256(path: str | Path) -> str:

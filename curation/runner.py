@@ -26,7 +26,7 @@ from . import decide as stage_b
 from .annotate import BINARY_COLUMNS, committed_parts, run_stage_a
 from .config import PipelineConfig
 from .crawl import CRAWL_LEDGER_GLOB
-from .errors import ConfigError, InputError
+from .errors import NO_SPACE_ERRNOS, ConfigError, CurationError, DiskFullError, InputError, curation_error_in
 from .fsutil import atomic_write_text
 from .rawshards import count_samples, list_raw_shards
 
@@ -60,11 +60,27 @@ def ray_map_tasks(fn, args: list[tuple]) -> list:
 
 def run_pipeline(cfg: PipelineConfig, raw_dir: str | Path, out: str | Path, ray_address: str | None = None,
                  memory_limit: str = stage_b.DEFAULT_MEMORY_LIMIT) -> dict:
-    """Run (or resume) the curation job; returns the summary also written to summary.json."""
+    """Run (or resume) the curation job; returns the summary also written to summary.json.
+    An error the user can act on (a recipe bug found on real rows, a full disk), even one
+    raised inside a Ray task, surfaces as one CurationError."""
+    try:
+        return _run(cfg, Path(raw_dir), Path(out), ray_address, memory_limit)
+    except CurationError:
+        raise
+    except Exception as exc:
+        err = curation_error_in(exc)
+        if err is not None:
+            raise type(err)(str(err)) from None
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS or "No space left" in str(exc):
+            raise DiskFullError(f"no space left under {out} ({str(exc).splitlines()[0][:200]}); "
+                                "free space, then run the same command again to resume") from None
+        raise
+
+
+def _run(cfg: PipelineConfig, raw_dir: Path, out: Path, ray_address: str | None, memory_limit: str) -> dict:
     from .runtime.ray_env import start_ray
 
     t0 = time.time()
-    raw_dir, out = Path(raw_dir), Path(out)
     shards = list_raw_shards(raw_dir)
     work = out / WORK
     _check_run_identity(work, cfg, shards, raw_dir)

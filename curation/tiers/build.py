@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..decide import Decision, sql_list, sql_str
+from ..errors import NO_SPACE_ERRNOS, DiskFullError
 from ..fsutil import atomic_write_text
 from ..ops.clip import EMBEDDING_COLUMN
 from .writer import write_manifest, write_shard
@@ -87,7 +88,13 @@ def write_group(group: pa.Table, sidecars_dir: str, tiers_dir: str, entries_dir:
     tier, name = rows[0]["tier"], rows[0]["shard"]
     tier_dir = Path(tiers_dir) / tier
     tier_dir.mkdir(parents=True, exist_ok=True)
-    entry = write_shard(tier_dir / name, rows, media, embeddings)
+    try:
+        entry = write_shard(tier_dir / name, rows, media, embeddings)
+    except OSError as exc:
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise DiskFullError(f"no space left while writing tier shard {tier}/{name} ({exc.strerror}); nothing partial "
+                                "was left; free space, then run the same command again to resume") from None
+        raise
     atomic_write_text(Path(entries_dir) / f"{name.removesuffix('.tar')}.json", json.dumps(entry, sort_keys=True) + "\n")
     return pa.table({"shard_id": [shard_id], "samples": [entry["samples"]]})
 
