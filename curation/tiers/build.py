@@ -59,7 +59,8 @@ def read_picked(batch: dict, pending_path: str | None, stats_dir: str) -> Iterat
                     vectors[k] = v
     rows, size = [], 0
     for row, files in rawshards.read_shard(Path(raw_path), source):
-        where = wanted.get(row["raw_key"])
+        # Only a sample the reader kept can have been picked (a later duplicate of a key fails)
+        where = wanted.get(row["raw_key"]) if row["status"] == "kept" else None
         if where is None:
             continue
         members, _ = tier_members(row, files)
