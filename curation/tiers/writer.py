@@ -22,35 +22,14 @@ from ..fsutil import atomic_write_bytes, atomic_write_parquet, atomic_write_text
 from ..wds import tar_bytes
 
 
-def _as_jpeg(data: bytes) -> bytes:
-    """Tier shards use the standard `jpg` key; non-JPEG sources are re-encoded."""
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        return data
-    img = img.convert("RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
 def tier_media(row: dict, files: dict[str, bytes]) -> list[tuple[str, bytes]]:
-    """The media members a tier sample carries, in order: `jpg` (image_text), `0.jpg`,
-    `1.jpg`, ... (interleaved) or `mp4`/`webm` (video). Rewrites the row's `media` (and a
-    document's member references) to the names written."""
-    names = json.loads(row.get("media") or "[]")
-    if row["kind"] == "video":
-        return [(names[0], files[names[0]])]
-    if row["kind"] == "interleaved":
-        renamed = {old: f"{i}.jpg" for i, old in enumerate(names)}
-        doc = json.loads(row["doc"])
-        for item in doc["items"]:
-            if item.get("member"):
-                item["member"] = renamed.get(item["member"])
-        row["doc"] = json.dumps(doc, sort_keys=True)
-        row["media"] = json.dumps(list(renamed.values()))
-        return [(renamed[n], _as_jpeg(files[n])) for n in names]
-    row["media"] = json.dumps(["jpg"])
-    return [("jpg", _as_jpeg(files[names[0]]))]
+    """The media members a tier sample carries (curation.media.tier_members), with the
+    row updated in place to describe them. Raises curation.media.MediaError."""
+    from ..media import tier_members
+
+    members, updates = tier_members(row, files)
+    row.update(updates)
+    return members
 
 
 def sample_json(row: dict) -> bytes:
