@@ -146,6 +146,13 @@ def _webp_lossy(data: bytes) -> bool:
 
 
 def _facts(im: Image.Image, data: bytes) -> dict:
+    try:
+        return _read_facts(im, data)
+    except Exception as exc:  # a header PIL opened but whose details it cannot give
+        raise MediaError("corrupt_image", _describe(exc)) from None
+
+
+def _read_facts(im: Image.Image, data: bytes) -> dict:
     fmt, mode = im.format, im.mode
     w, h = im.size
     orientation = _orientation(im)
@@ -201,7 +208,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 
 def open_image_with_facts(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, dict]:
-    """open_image plus the source's image_facts (one header read for both)."""
+    """open_image plus the source's image_facts (one header read for both), and
+    facts["icc_profile"]: the RGB ICC profile a conversion should carry, or None."""
     im = _open(data, max_pixels)
     facts = _facts(im, data)
     try:
