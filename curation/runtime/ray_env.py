@@ -48,7 +48,9 @@ def start_ray(address: str | None = None) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # we show one progress bar of our own
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines between our bars
+    # No per-dataset INFO lines between our bars, and no logged tracebacks: a task error
+    # reaches the driver as an exception, and the CLI prints it as one line.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 def cluster_cpus() -> float:
