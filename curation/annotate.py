@@ -36,6 +36,8 @@ from .tiers import routing
 INT_COLUMNS = ("width", "height", "num_bytes", "num_images", "num_frames")
 # Working columns that are bytes, never sidecar columns: media, and embeddings (saved as .npy).
 BINARY_COLUMNS = ("image_bytes", EMBEDDING_COLUMN)
+# What media.tier_members tells about the tier's copy of the media (kept through stage A).
+MEDIA_COLUMNS = ("image_format", "source_format", "conversion")
 READ_BLOCK_ROWS = 64  # rows per block out of a raw shard: enough blocks to keep every actor busy
 PART_ROWS = 1024  # rows per part file a worker writes (parts never mix raw shards)
 
@@ -74,7 +76,7 @@ def read_raw_shards(batch: dict) -> Iterator[pa.Table]:
     """map_batches function: raw shard paths -> their sample rows (with media bytes), as
     Arrow tables of READ_BLOCK_ROWS rows. One block per shard would give a pool's
     second actor nothing to do until the next shard, and no overlap between stages."""
-    schema = stage_schema(list(rawshards.READ_COLUMNS))
+    schema = stage_schema([*rawshards.READ_COLUMNS, *(c for c in MEDIA_COLUMNS if c not in rawshards.READ_COLUMNS)])
     rows: list[dict] = []
     for path, source in zip(batch["path"], batch["source"]):
         for row, files in rawshards.read_shard(Path(path), source):

@@ -9,7 +9,8 @@ from PIL import Image
 
 from curation.demo import scenes
 from curation.ops.base import MapOp
-from curation.ops.dedup import ExactDedup, NearDedup, near_duplicate_pairs
+from curation.decide import apply_global_ops
+from curation.ops.dedup import ExactDedup, NearDedup
 from curation.ops.image import DecodeImage, ImageQuality, PerceptualHash
 from curation.ops.text import CaptionLength
 
@@ -97,17 +98,6 @@ def test_one_bad_row_fails_alone():
     assert df.loc[0, "phash"] == "0" * 16
 
 
-def test_band_search_finds_exactly_the_brute_force_pairs():
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 2**63, size=60, dtype=np.uint64)
-    flips = [np.uint64(1 << int(b)) for b in rng.integers(0, 64, size=200)]
-    hashes = np.concatenate([base, [base[i % 60] ^ flips[i] ^ flips[i + 1] for i in range(0, 120, 2)]]).astype(np.uint64)
-    for k in (0, 2, 4, 7):
-        brute = {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
-                 if int(hashes[i] ^ hashes[j]).bit_count() <= k}
-        assert set(near_duplicate_pairs(hashes, k)) == brute
-
-
 def scene_table(n_scenes=40, seed=0):
     rng = random.Random(seed)
     imgs, planted = [], []
@@ -126,7 +116,7 @@ def scene_table(n_scenes=40, seed=0):
 
 def test_dedup_catches_planted_copies_and_keeps_originals():
     table, planted = scene_table()
-    table = NearDedup(NearDedup.Params(max_hamming=4)).apply(ExactDedup(ExactDedup.Params()).apply(table))
+    table = apply_global_ops(table, [ExactDedup(ExactDedup.Params()), NearDedup(NearDedup.Params(max_hamming=4))])
     reasons = table["reason"].tolist()
     assert all(r == "duplicate_exact" for r, p in zip(reasons, planted) if p == "exact")
     assert all(r == "duplicate_near" for r, p in zip(reasons, planted) if p == "near")
@@ -145,15 +135,15 @@ def test_star_clustering_never_chains():
     table = pd.DataFrame({"uid": ["a" * 16, "b" * 16, "c" * 16], "width": [100, 90, 80], "height": [100] * 3,
                           "phash": [f"{h:016x}" for h in (a, b, c)], "status": "kept", "reason": None,
                           "kind": "image_text"})
-    out = NearDedup(NearDedup.Params(max_hamming=2)).apply(table)
+    out = apply_global_ops(table, [NearDedup(NearDedup.Params(max_hamming=2))])
     assert list(out["status"]) == ["kept", "dropped", "kept"]
     assert out.loc[1, "dup_of"] == "a" * 16
 
 
 def test_dedup_choice_does_not_depend_on_row_order():
     table, _ = scene_table(seed=3)
-    a = ExactDedup(ExactDedup.Params()).apply(table.copy())
-    b = ExactDedup(ExactDedup.Params()).apply(table.sample(frac=1, random_state=1).copy())
+    a = apply_global_ops(table, [ExactDedup(ExactDedup.Params())])
+    b = apply_global_ops(table.sample(frac=1, random_state=1), [ExactDedup(ExactDedup.Params())])
     key = lambda t: t.set_index("uid")[["status", "dup_of"]].sort_index()
     pd.testing.assert_frame_equal(key(a), key(b))
 
@@ -162,5 +152,5 @@ def test_dedup_never_mixes_kinds():
     table, _ = scene_table(n_scenes=4, seed=5)
     twin = table.iloc[[0]].assign(uid="f" * 16, kind="interleaved")  # a document whose first image is scene 0
     table = pd.concat([table, twin], ignore_index=True)
-    out = NearDedup(NearDedup.Params(max_hamming=4)).apply(ExactDedup(ExactDedup.Params()).apply(table))
+    out = apply_global_ops(table, [ExactDedup(ExactDedup.Params()), NearDedup(NearDedup.Params(max_hamming=4))])
     assert out.set_index("uid").loc["f" * 16, "status"] == "kept"

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import io
-
 import pandas as pd
 from PIL import Image
 
 
 def row_image(row: pd.Series) -> Image.Image:
-    """The row's image: decoded earlier in the same fused stage, or from its bytes."""
-    image = row.get("_image")
-    if isinstance(image, Image.Image):
-        return image
-    return Image.open(io.BytesIO(row["image_bytes"])).convert("RGB")
+    """The row's full image, decoded from its bytes through the one pixel cap, with
+    orientation and colour handled (media.open_image). `_image` is only a thumbnail."""
+    from ..media import DEFAULT_MAX_PIXELS, open_image
+
+    return open_image(row["image_bytes"], DEFAULT_MAX_PIXELS)
 
 
 def video_bytes_of(row: pd.Series) -> bytes:
