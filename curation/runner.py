@@ -19,6 +19,8 @@ an uninterrupted run.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -34,27 +36,57 @@ WORK = "_work"
 
 
 def _check_run_identity(work: Path, cfg: PipelineConfig, shards: list[Path], raw_dir: Path) -> None:
+    """An output folder belongs to one recipe and one input. A finished run is never
+    overwritten by another; an unfinished one (say, stopped by a recipe error found on
+    real rows) is discarded when the recipe or input changed, so the fixed recipe can run
+    on the same --out: its intermediate state is useless to another config anyway."""
     identity = {"pipeline": cfg.name, "pipeline_path": str(Path(cfg.path).resolve()),
                 "config_hash": cfg.config_hash, "input": str(raw_dir.resolve()),
                 "raw_shards": {p.name: p.stat().st_size for p in shards}}
     marker = work / "run.json"
     if marker.exists():
         previous = json.loads(marker.read_text())
-        if previous.get("config_hash") != cfg.config_hash:
-            raise ConfigError(f"{work.parent} was written by another pipeline config (hash {previous.get('config_hash')}, "
-                              f"now {cfg.config_hash}); use a new --out folder")
-        if previous.get("raw_shards") != identity["raw_shards"]:
-            raise InputError(f"{work.parent} was written from other raw shards than {raw_dir}; use a new --out folder")
-        return
+        other_config = previous.get("config_hash") != cfg.config_hash
+        other_input = previous.get("raw_shards") != identity["raw_shards"]
+        if not (other_config or other_input):
+            return
+        if (work.parent / "_SUCCESS").exists():
+            if other_config:
+                raise ConfigError(f"{work.parent} holds a finished run of another pipeline config (hash "
+                                  f"{previous.get('config_hash')}, now {cfg.config_hash}); use a new --out folder")
+            raise InputError(f"{work.parent} holds a finished run of other raw shards than {raw_dir}; use a new --out folder")
+        print(f"curate: {work.parent} holds an unfinished run of another {'config' if other_config else 'input'}; "
+              "starting over", file=sys.stderr)
+        shutil.rmtree(work)
+        shutil.rmtree(work.parent / "tiers", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps(identity, indent=2) + "\n")
 
 
-def ray_map_tasks(fn, args: list[tuple]) -> list:
+def count_all(shards: list[Path], annotated: Path) -> dict[str, int]:
+    """Samples per raw shard (what the ledger must account for): from the commit marker
+    of a shard already annotated, else counted by parallel tasks (headers only; never
+    raises: a bad shard is accounted for per sample)."""
+    from .annotate import marker_path
+
+    counts = {}
+    todo = []
+    for p in shards:
+        marker = marker_path(annotated, p)
+        if marker.exists():
+            counts[p.name] = json.loads(marker.read_text())["rows"]
+        else:
+            todo.append(p)
+    for p, n in zip(todo, ray_map_tasks(count_samples, [(p,) for p in todo], num_cpus=0.25)):
+        counts[p.name] = n
+    return counts
+
+
+def ray_map_tasks(fn, args: list[tuple], num_cpus: float = 0.5) -> list:
     """DecideContext.map_tasks on the Ray cluster: one task per argument tuple."""
     import ray
 
-    remote = ray.remote(num_cpus=0.5)(fn)
+    remote = ray.remote(num_cpus=num_cpus)(fn)
     return ray.get([remote.remote(*a) for a in args])
 
 
@@ -86,14 +118,13 @@ def _run(cfg: PipelineConfig, raw_dir: Path, out: Path, ray_address: str | None,
     _check_run_identity(work, cfg, shards, raw_dir)
     if (out / "_SUCCESS").exists():
         return json.loads((out / "summary.json").read_text())
-    counts = {p.name: count_samples(p) for p in shards}  # never raises: a bad shard is accounted for per sample
-    n_raw = sum(counts.values())
-    if not n_raw:
-        raise InputError(f"the raw shards in {raw_dir} hold no samples")
-
     start_ray(ray_address)
     t_start = time.time()
     annotated = work / "annotated"
+    counts = count_all(shards, annotated)
+    n_raw = sum(counts.values())
+    if not n_raw:
+        raise InputError(f"the raw shards in {raw_dir} hold no samples")
     raw_read_a = run_stage_a(cfg, shards, counts, annotated, source=raw_dir.name)
     t_a = time.time()
     parts = {p.name: committed_parts(annotated, p) for p in shards}

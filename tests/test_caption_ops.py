@@ -134,7 +134,7 @@ def test_unreadable_image_fails_alone(vit_gpt2):
     images[1] = b"not an image"
     out = vit_gpt2(rows(images))
     assert out["status"].tolist() == ["kept", "failed", "kept"]
-    assert out.loc[1, "reason"] == "caption_input_error" and "UnidentifiedImageError" in out.loc[1, "error"]
+    assert out.loc[1, "reason"] == "caption_input_error" and "MediaError: not a decodable image" in out.loc[1, "error"]
     assert pd.isna(out.loc[1, "caption"]) and out.loc[0, "caption"] and out.loc[2, "caption"]
 
 

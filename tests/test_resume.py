@@ -65,8 +65,8 @@ def test_sigkill_then_rerun_equals_uninterrupted(demo_out, tmp_path):
     args = ["run", pipeline, "--input", raw, "--out", out]
     annotated = out / "_work" / "annotated"
     # 1) killed in stage A, after some raw shards were committed
-    assert run_until(args, lambda: len(list(annotated.glob("*.parquet"))) >= 1)
-    assert 1 <= len(list(annotated.glob("*.parquet"))) < n_raw_shards
+    assert run_until(args, lambda: len(list(annotated.glob("*.done.json"))) >= 1)
+    assert 1 <= len(list(annotated.glob("*.done.json"))) < n_raw_shards
     # 2) killed again in stage C, with some tier shards written
     assert run_until(args, lambda: len(list((out / "tiers").glob("*/*.tar"))) >= 2)
     assert not (out / "_SUCCESS").exists()
@@ -84,12 +84,16 @@ def test_sigkill_then_rerun_equals_uninterrupted(demo_out, tmp_path):
     assert not list(out.rglob("*.tmp")) or all(p.exists() for p in out.rglob("*.tmp"))
 
 
-def test_changed_pipeline_on_same_output_is_refused(demo_out, tmp_path):
+def test_changed_pipeline_on_an_unfinished_output_starts_over(demo_out, tmp_path):
+    """A run stopped early (a recipe error found on real rows, say) must not lock its
+    --out: the fixed recipe starts over there. A finished output is never overwritten."""
     pipeline = small_shard_pipeline(tmp_path)
     out = tmp_path / "o"
     assert run_until(["run", pipeline, "--input", demo_out / "raw", "--out", out],
                      lambda: (out / "_work" / "run.json").exists())
     other = tmp_path / "other.yaml"
     other.write_text(pipeline.read_text().replace("min_words: 3", "min_words: 4"))
-    proc = curate("run", other, "--input", demo_out / "raw", "--out", out, check=False)
-    assert proc.returncode == 2 and "another pipeline config" in proc.stderr
+    proc = curate("run", other, "--input", demo_out / "raw", "--out", out)
+    assert "starting over" in proc.stderr and (out / "_SUCCESS").exists()
+    proc = curate("run", pipeline, "--input", demo_out / "raw", "--out", out, check=False)
+    assert proc.returncode == 2 and "finished run of another pipeline config" in proc.stderr
