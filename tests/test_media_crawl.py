@@ -4,6 +4,7 @@
 import io
 import json
 import tarfile
+import time
 
 import pandas as pd
 import pytest
@@ -106,3 +107,141 @@ def test_probe_reads_real_numbers():
     assert (probe["width"], probe["height"], probe["num_frames"], probe["codec"]) == (96, 96, 24, "mpeg4")
     with pytest.raises(Exception):
         probe_video(io.BytesIO(b"not a video").getvalue())
+
+
+# --------------------------------------------------------------------------- streaming shards
+def _clip(seed=0):
+    import random
+
+    return _video_bytes(random_scene(random.Random(seed)), "left to right")
+
+
+def _video_list(tmp_path, base, n):
+    urls = pd.DataFrame({"url": [f"{base}/video/{i}.mp4" for i in range(n)], "caption": [f"clip {i}" for i in range(n)]})
+    urls.to_parquet(tmp_path / "videos.parquet")
+    return tmp_path / "videos.parquet"
+
+
+def _tar_samples(tar_path):
+    """(key, [(ext, data)]) in file order, and the member bytes (headers + padded data)."""
+    samples, used = [], 0
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            if not samples or samples[-1][0] != key:
+                samples.append((key, []))
+            samples[-1][1].append((ext, tar.extractfile(m).read()))
+            used += 512 + -(-m.size // 512) * 512
+    return samples, used
+
+
+def test_shards_close_by_bytes_and_by_count(tmp_path):
+    from curation.wds import tar_bytes
+
+    clips = {f"/video/{i}.mp4": _clip(i) for i in range(12)}
+    Hostile.videos = clips
+    cap = 3 * (max(map(len, clips.values())) + 3 * 1024)  # about three samples (video, txt, json)
+    with hostile_server() as base:
+        path = _video_list(tmp_path, base, 12)
+        by_bytes = crawl_media("video", path, tmp_path / "bytes", allowed_networks=LOOPBACK, retries=0, threads=4,
+                               max_shard_bytes=cap)
+        by_count = crawl_media("video", path, tmp_path / "count", allowed_networks=LOOPBACK, retries=0, threads=4,
+                               samples_per_shard=5)
+    assert by_bytes["status"].eq("kept").all() and by_count["status"].eq("kept").all()
+    for out, expect_shards in ((tmp_path / "bytes", None), (tmp_path / "count", 3)):
+        tars = sorted(out.glob("video-r000-*.tar"))
+        assert not list(out.glob("*.tmp"))
+        if expect_shards:
+            assert len(tars) == expect_shards  # 5 + 5 + 2
+        uids = []
+        for tar_path in tars:
+            samples, used = _tar_samples(tar_path)
+            assert tar_path.read_bytes() == tar_bytes(samples)  # streamed = written whole, byte for byte
+            if out.name == "bytes":
+                assert used <= cap and len(samples) >= 2
+            listing = pd.read_parquet(tar_path.with_suffix(".parquet"))
+            assert listing["raw_key"].tolist() == [k for k, _ in samples]
+            uids += [json.loads(dict(m)["json"])["uid"] for _, m in samples]
+        assert sorted(uids) == sorted(by_bytes["uid"]) and len(set(uids)) == 12
+    assert len(list((tmp_path / "bytes").glob("video-r000-*.tar"))) >= 4
+
+
+def test_resume_rolls_committed_shards_forward_and_redoes_half_written_ones(tmp_path):
+    Hostile.videos = {f"/video/{i}.mp4": _clip(i) for i in range(9)}
+    out = tmp_path / "raw"
+    with hostile_server() as base:
+        path = _video_list(tmp_path, base, 9)
+        first = crawl_media("video", path, out, allowed_networks=LOOPBACK, retries=0, threads=2, samples_per_shard=3)
+        reference = {p.name: p.read_bytes() for p in out.glob("video-r000-*.tar")}
+        # as if killed: shard 1 committed (parquet written) but not yet renamed, shard 2
+        # half-written (no parquet), the round not marked done
+        (out / "video-r000-00001.tar").rename(out / "video-r000-00001.tar.tmp")
+        for suffix in (".parquet", "_stats.json"):
+            (out / f"video-r000-00002{suffix}").unlink()
+        (out / "video-r000-00002.tar").unlink()
+        (out / "video-r000-00002.tar.tmp").write_bytes(b"half a tar")
+        (out / "_rounds" / "video" / "r000" / "_DONE").unlink()
+        (out / "_SUCCESS-video").unlink()
+        hits_before = dict(Hostile.hits)
+        again = crawl_media("video", path, out, allowed_networks=LOOPBACK, retries=0, threads=2, samples_per_shard=3)
+        hits = dict(Hostile.hits)
+    assert not list(out.glob("*.tmp"))
+    assert {p.name: p.read_bytes() for p in out.glob("video-r000-*.tar")} == reference
+    refetched = {k for k in hits if hits[k] != hits_before.get(k)}
+    assert refetched == {f"/video/{i}.mp4" for i in (6, 7, 8)}  # only the half-written shard's samples
+    assert again.equals(first)
+
+
+class _SlowVideos(Hostile):
+    def do_GET(self):  # noqa: N802
+        time.sleep(0.03)
+        super().do_GET()
+
+
+SIGKILL_SCRIPT = """
+import sys
+from curation.crawl.media import crawl_media
+crawl_media("video", sys.argv[1], sys.argv[2], allowed_networks=("127.0.0.1/32",), retries=0, threads=2,
+            samples_per_shard=4, max_shard_bytes=int(sys.argv[3]))
+"""
+
+
+def test_sigkill_mid_video_crawl_then_resume(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from curation.demo.server import serve
+
+    from .conftest import REPO
+
+    clips = {f"/video/{i}.mp4": _clip(i % 7) for i in range(60)}
+    Hostile.videos = clips
+    cap = 2 * (len(clips["/video/0.mp4"]) + 3 * 1024)
+    with serve(_SlowVideos) as base:
+        path = _video_list(tmp_path, base, 60)
+        run = [sys.executable, "-c", SIGKILL_SCRIPT, str(path)]
+        subprocess.run([*run, str(tmp_path / "reference"), str(cap)], cwd=REPO, check=True, timeout=300)
+        out = tmp_path / "killed"
+        proc = subprocess.Popen([*run, str(out), str(cap)], cwd=REPO, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (
+                len(list(out.glob("video-r000-*.parquet"))) >= 3 and list(out.glob("*.tar.tmp"))):
+            time.sleep(0.005)
+        assert proc.poll() is None, "crawl finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (out / "_SUCCESS-video").exists()
+        for tar_path in out.glob("*.tar"):  # a visible shard is a finished shard
+            assert tar_path.with_suffix(".parquet").exists(), tar_path
+        subprocess.run([*run, str(out), str(cap)], cwd=REPO, check=True, timeout=300)
+    ref = pd.read_parquet(tmp_path / "reference" / "crawl_ledger-video.parquet")
+    got = pd.read_parquet(out / "crawl_ledger-video.parquet")
+    assert set(got.loc[got["status"] == "kept", "uid"]) == set(ref.loc[ref["status"] == "kept", "uid"])
+    assert (got["status"] == "kept").sum() == 60
+    uids = []
+    for tar_path in sorted(out.glob("video-r*.tar")):
+        samples, _ = _tar_samples(tar_path)
+        uids += [json.loads(dict(m)["json"])["uid"] for _, m in samples]
+    assert len(uids) == len(set(uids)) == 60 and not list(out.glob("*.tmp"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import json
 import random
 import socket
 import ssl
@@ -26,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from PIL import Image
 
@@ -55,6 +56,10 @@ class FetchPolicy:
     allowed_networks: tuple[str, ...] = ()
     opt_out: tuple[str, ...] = OPT_OUT_DIRECTIVES
     user_agent: str = USER_AGENT
+    # host -> addresses; None is the system resolver. Tests inject one so that no name is
+    # ever looked up. It travels to img2dataset's workers, so it must pickle (a module-level
+    # function, not a lambda).
+    resolver: Callable[[str, int], list[str]] | None = field(default=None, compare=False, repr=False)
 
     def cap(self, kind: str) -> int:
         return self.max_bytes.get(kind, self.max_bytes["any"])
@@ -74,6 +79,21 @@ class Outcome:
     final_url: str | None = None
     attempts: int = 0
     transient: bool = False
+
+
+ERROR_PREFIX = "curation:"
+
+
+def encode_outcome(o: Outcome) -> str:
+    """An outcome as an error string (img2dataset's error_message column), decodable by decode_error."""
+    return ERROR_PREFIX + json.dumps({"status": o.status, "reason": o.reason, "error": o.error,
+                                      "transient": o.transient})
+
+
+def decode_error(message: str | None) -> dict | None:
+    if message and message.startswith(ERROR_PREFIX):
+        return json.loads(message[len(ERROR_PREFIX):])
+    return None
 
 
 class _Transient(Exception):
@@ -194,6 +214,15 @@ def _read_body(resp: http.client.HTTPResponse, cap: int, deadline: float) -> byt
     return b"".join(chunks)
 
 
+# Characters a request target may carry as they are; everything else (spaces, non-ASCII,
+# quotes) is percent-encoded as a browser would. Existing %XX escapes are left alone.
+_TARGET_SAFE = "/%:@!$&'()*+,;=-._~?"
+
+
+def _request_target(parts) -> str:
+    return quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_TARGET_SAFE)
+
+
 def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver) -> Outcome:
     deadline = time.monotonic() + policy.deadline
     current = url
@@ -204,7 +233,7 @@ def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver) -> Outcome:
                 if verdict.error and ("EAI_AGAIN" in verdict.error or "Temporary failure" in verdict.error):
                     raise _Transient("dns_error", verdict.error)
                 raise _Final("failed", "dns_error", verdict.error or "name resolution failed")  # NXDOMAIN etc.
-            raise _Final("dropped" if verdict.reason == "private_address" else "failed", verdict.reason,
+            raise _Final("dropped" if verdict.reason in ("private_address", "bad_url") else "failed", verdict.reason,
                          verdict.error or f"refused address for {urlsplit(current).hostname}")
         parts = urlsplit(current)
         port = parts.port or (443 if parts.scheme == "https" else 80)  # http.client misreads "[v6]" alone
@@ -219,7 +248,7 @@ def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver) -> Outcome:
         watchdog.daemon = True
         watchdog.start()
         try:
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            path = _request_target(parts)
             conn.request("GET", path, headers={"User-Agent": policy.user_agent, "Accept": "*/*"})
             resp = conn.getresponse()
             if resp.status in REDIRECTS:
@@ -252,9 +281,12 @@ def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver) -> Outcome:
 
 
 def fetch(url: str, kind: str = "image", policy: FetchPolicy | None = None,
-          resolver: Callable[[str, int], list[str]] = resolve, sleep: Callable[[float], None] = time.sleep) -> Outcome:
-    """Fetch `url` under `policy`; never raises for anything the remote side does."""
+          resolver: Callable[[str, int], list[str]] | None = None,
+          sleep: Callable[[float], None] = time.sleep) -> Outcome:
+    """Fetch `url` under `policy`; never raises for anything the remote side does.
+    `resolver` (else the policy's, else the system's) turns host names into addresses."""
     policy = policy or FetchPolicy()
+    resolver = resolver or policy.resolver or resolve
     last: Outcome | None = None
     for attempt in range(1, policy.retries + 2):
         try:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from ..errors import AccountingError
 from .fetch import OPT_OUT_DIRECTIVES, USER_AGENT_TOKEN, FetchPolicy
-from .guard import ALLOWED_SCHEMES
+from .guard import url_problem
 from .img2dataset_bridge import decode_error, policy_downloads
 from .rounds import crawl_in_rounds
 from .sources import read_url_list
@@ -25,7 +25,8 @@ KIND = "image_text"
 
 
 def valid_url(url) -> bool:
-    return isinstance(url, str) and "://" in url and url.split("://", 1)[0].lower() in ALLOWED_SCHEMES
+    """Worth a request: an http(s) url with a host, no credentials, not overlong (guard.url_problem)."""
+    return url_problem(url) is None
 
 
 def _classify(status: str, message: str | None) -> dict:

@@ -31,20 +31,7 @@ import img2dataset.downloader as i2d_downloader
 # img2dataset/__init__.py re-exports a *function* called main, shadowing the module.
 i2d_main = sys.modules["img2dataset.main"]
 
-from .fetch import FetchPolicy, Outcome, fetch
-
-ERROR_PREFIX = "curation:"
-
-
-def encode_outcome(o: Outcome) -> str:
-    """An outcome in img2dataset's error_message column, decodable by decode_error."""
-    return ERROR_PREFIX + json.dumps({"status": o.status, "reason": o.reason, "error": o.error, "transient": o.transient})
-
-
-def decode_error(message: str | None) -> dict | None:
-    if message and message.startswith(ERROR_PREFIX):
-        return json.loads(message[len(ERROR_PREFIX):])
-    return None
+from .fetch import ERROR_PREFIX, FetchPolicy, Outcome, decode_error, encode_outcome, fetch  # noqa: F401
 
 
 def _fetch_for_img2dataset(row, timeout, user_agent_token, disallowed_header_directives, *, policy: FetchPolicy):

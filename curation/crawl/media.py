@@ -9,9 +9,15 @@
   with PyAV (duration, fps, resolution, codec, frames; the first frame is decoded to
   prove the file plays) and stored whole.
 
-Each round's items are cut into shards of `samples_per_shard`; a shard is written as
-tar + parquet (one row per attempted sample) + _stats.json, atomically, and skipped
-when a crawl resumes.
+* A malformed document (items not a list, an item not an object, texts/images not
+  parallel lists) is dropped as `bad_document` with the reason; the crawl goes on.
+
+Samples stream into the shard being written as they arrive (in input order), so the
+crawler holds about 2 x threads samples, not a shard. A shard closes at
+`samples_per_shard` attempted samples or `max_shard_bytes` (1 GiB) of tar, whichever
+comes first, and is published atomically: tar (written as NAME.tar.tmp, renamed when
+complete), _stats.json, then the parquet (one row per attempted sample) that marks it
+finished. A resumed round skips the uids of finished shards and rewrites the rest.
 """
 
 from __future__ import annotations
@@ -19,66 +25,122 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import os
+import tarfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import pandas as pd
 
 from ..errors import InputError
-from ..fsutil import atomic_write_bytes, atomic_write_parquet, atomic_write_text
+from ..fsutil import atomic_write_parquet, atomic_write_text
 from ..ids import make_uid
-from ..wds import tar_bytes
+from ..wds import _tarinfo
 from .fetch import FetchPolicy, fetch
-from .image_text import valid_url
+from .guard import url_problem
 from .rounds import crawl_in_rounds
-from .sources import read_url_list
+from .sources import read_jsonl, read_url_list
+
+GiB = 1 << 30
 
 
 # --------------------------------------------------------------------------- inputs
+class _BadDocument(ValueError):
+    """One document is malformed: it is dropped as bad_document, the crawl goes on."""
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, (str, bytes)))
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _normalise_items(row: dict) -> list[dict]:
-    """Either `items: [{type: text|image, text|url}]` or OBELICS' parallel `texts`/`images`."""
-    if isinstance(row.get("items"), (list, tuple)) or hasattr(row.get("items"), "tolist"):
-        items = list(row["items"])
-        return [{"type": "image", "url": it.get("url")} if it.get("type") == "image"
-                else {"type": "text", "text": it.get("text") or ""} for it in items]
+    """Either `items: [{type: text|image, text|url}]` or OBELICS' parallel `texts`/`images`.
+    Raises _BadDocument for a row whose structure is wrong (items not a list, an item
+    not an object or of an unknown type, texts/images not lists of the same length, a
+    text that is not a string). An image url that is not a fetchable url is not a
+    structural problem: that image is missing (bad_url), like one that fails to download."""
+    items = row.get("items")
+    if not _missing(items):
+        if not _is_list(items):
+            raise _BadDocument(f"'items' is a {type(items).__name__}, not a list")
+        out = []
+        for n, it in enumerate(list(items)):
+            if not isinstance(it, dict):
+                raise _BadDocument(f"item {n} is a {type(it).__name__}, not an object")
+            kind = it.get("type")
+            if kind == "image":
+                out.append({"type": "image", "url": it.get("url")})
+            elif kind == "text":
+                text = it.get("text")
+                if not _missing(text) and not isinstance(text, str):
+                    raise _BadDocument(f"item {n}: text is a {type(text).__name__}, not a string")
+                out.append({"type": "text", "text": text if isinstance(text, str) else ""})
+            else:
+                raise _BadDocument(f"item {n} has type {str(kind)[:50]!r} (expected 'text' or 'image')")
+        return out
     texts, images = row.get("texts"), row.get("images")
-    if texts is None or images is None:
-        raise InputError("a document needs 'items' or both 'texts' and 'images'")
+    if _missing(texts) or _missing(images):
+        raise _BadDocument("a document needs 'items' or both 'texts' and 'images'")
+    for name, value in (("texts", texts), ("images", images)):
+        if not _is_list(value):
+            raise _BadDocument(f"'{name}' is a {type(value).__name__}, not a list")
+    texts, images = list(texts), list(images)
+    if len(texts) != len(images):
+        raise _BadDocument(f"'texts' has {len(texts)} entries, 'images' {len(images)} (they run in parallel)")
     out = []
-    for text, image in zip(list(texts), list(images)):
-        if image:
+    for n, (text, image) in enumerate(zip(texts, images)):
+        if not _missing(image):
             out.append({"type": "image", "url": image})
-        elif text:
-            out.append({"type": "text", "text": text})
+        elif not _missing(text):
+            if not isinstance(text, str):
+                raise _BadDocument(f"texts[{n}] is a {type(text).__name__}, not a string")
+            if text:
+                out.append({"type": "text", "text": text})
     return out
 
 
 def read_documents(path: str | Path, source: str | None = None) -> pd.DataFrame:
     """Columns: uid, position, source, url (the document's own url, if any), caption (its
-    text, for the ledger), doc (JSON items), meta."""
+    text, for the ledger), doc (JSON items; None for a malformed document), problem (why
+    it is malformed, else None), meta."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"document list not found: {path}")
-    try:
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True, dtype=False)
-    except Exception as exc:
-        raise InputError(f"cannot read document list {path}: {type(exc).__name__}: {exc}") from None
-    if df.empty:
+    if path.suffix.lower() == ".parquet":
+        try:
+            df = pd.read_parquet(path)
+        except Exception as exc:
+            raise InputError(f"cannot read document list {path}: {type(exc).__name__}: {exc}") from None
+    else:
+        df = read_jsonl(path, "document list")
+    if len(df) == 0:
         raise InputError(f"document list {path} has no rows")
+    if "items" not in df.columns and not {"texts", "images"} <= set(df.columns):
+        raise InputError(f"document list {path}: a document needs 'items' or both 'texts' and 'images'; "
+                         f"columns are {[str(c) for c in df.columns]}")
     source = source or path.stem
     rows = []
     for position, rec in enumerate(df.to_dict(orient="records")):
+        url = rec.get("url") if isinstance(rec.get("url"), str) else None
         try:
             items = _normalise_items(rec)
-        except InputError as exc:
-            raise InputError(f"document list {path}, row {position}: {exc}") from None
-        doc_id = rec.get("doc_id") or rec.get("id")
-        rows.append({"uid": make_uid(source, position), "position": position, "source": source,
-                     "url": rec.get("url") if isinstance(rec.get("url"), str) else None,
+        except _BadDocument as exc:
+            rows.append({"uid": make_uid(source, position), "position": position, "source": source, "url": url,
+                         "caption": None, "doc": None, "problem": str(exc), "meta": None})
+            continue
+        doc_id = next((rec[k] for k in ("doc_id", "id") if not _missing(rec.get(k)) and rec.get(k) != ""), None)
+        rows.append({"uid": make_uid(source, position), "position": position, "source": source, "url": url,
                      "caption": "\n".join(i["text"] for i in items if i["type"] == "text"),
-                     "doc": json.dumps({"doc_id": None if doc_id is None else str(doc_id), "items": items}),
-                     "meta": None})
+                     "doc": json.dumps({"doc_id": None if doc_id is None else str(doc_id), "items": items},
+                                       default=str),
+                     "problem": None, "meta": None})
     return pd.DataFrame(rows)
 
 
@@ -95,7 +157,7 @@ def fetch_document(row: dict, policy: FetchPolicy, require_images: str = "all") 
     image_urls = [it["url"] for it in doc["items"] if it["type"] == "image"]
     if not image_urls:
         return {"status": "dropped", "reason": "no_images", "error": None, "transient": False}
-    outcomes = [fetch(u, "image", policy) if valid_url(u) else None for u in image_urls]
+    outcomes = [fetch(u, "image", policy) if url_problem(u) is None else None for u in image_urls]
     arrived = [o for o in outcomes if o is not None and o.status == "kept"]
     missing = [u for u, o in zip(image_urls, outcomes) if o is None or o.status != "kept"]
     enough = not missing if require_images == "all" else bool(arrived)
@@ -105,13 +167,16 @@ def fetch_document(row: dict, policy: FetchPolicy, require_images: str = "all") 
                            if o is None or o.status != "kept")
         return {"status": "failed" if transient else "dropped", "reason": "missing_images", "error": errors[:2000],
                 "transient": transient}
-    files, member_of = [], {}
-    for u, o in zip(image_urls, outcomes):
+    files, members = [], []  # members: per image item, in order (urls need not be hashable, or unique)
+    for o in outcomes:
         if o is not None and o.status == "kept":
             name = f"{len(files)}.{_image_ext(o.data)}"
             files.append((name, o.data))
-            member_of[u] = name
-    items = [({**it, "member": member_of.get(it["url"])} if it["type"] == "image" else it) for it in doc["items"]]
+            members.append(name)
+        else:
+            members.append(None)
+    member_iter = iter(members)
+    items = [({**it, "member": next(member_iter)} if it["type"] == "image" else it) for it in doc["items"]]
     meta = {"uid": row["uid"], "kind": "interleaved", "source": row["source"], "url": row.get("url"),
             "doc_id": doc["doc_id"], "items": items, "missing_images": missing,
             "sha256": hashlib.sha256(b"".join(hashlib.sha256(d).digest() for _, d in files)).hexdigest()}
@@ -163,56 +228,167 @@ def read_media_shard(pq_path: Path) -> pd.DataFrame:
     return pd.read_parquet(pq_path, columns=["uid", "raw_key", "status", "reason", "error", "transient"])
 
 
+def _tar_size(files: list[tuple[str, bytes]]) -> int:
+    """Bytes these members take in a tar: a 512-byte header each, data padded to 512."""
+    return sum(512 + -(-len(data) // 512) * 512 for _, data in files)
+
+
+class ShardWriter:
+    """One raw shard, written as its samples arrive: tar members stream into
+    NAME.tar.tmp (never visible as a shard). publish() closes and fsyncs the tar, writes
+    NAME_stats.json, then NAME.parquet (the commit: the shard is finished), and last
+    renames NAME.tar.tmp to NAME.tar. So a visible .tar always has its parquet. A crash
+    before the parquet leaves a .tmp that the resumed round deletes; a crash after it
+    leaves a complete .tar.tmp that the resumed round renames (roll_forward). The tar is
+    byte-identical to wds.tar_bytes of the same samples."""
+
+    def __init__(self, out_dir: Path, name: str, shard_no: int):
+        self.out_dir, self.name, self.shard_no = out_dir, name, shard_no
+        self.tmp = out_dir / f"{name}.tar.tmp"
+        self._file = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.rows: list[dict] = []
+
+    @property
+    def bytes(self) -> int:
+        return self._tar.offset
+
+    def add(self, item: dict, res: dict) -> None:
+        key = f"{self.shard_no:05d}{len(self.rows):05d}"
+        kept = res["status"] == "kept"
+        self.rows.append({"uid": item["uid"], "raw_key": key if kept else None,
+                          **{k: res[k] for k in ("status", "reason", "error", "transient")}})
+        if kept:
+            for ext, data in sample_members(res):
+                self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+
+    def publish(self) -> None:
+        self._tar.close()  # end-of-archive blocks; the file object stays open
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        frame = pd.DataFrame(self.rows)
+        stats = frame.groupby(["status", "reason"], dropna=False).size()
+        atomic_write_text(self.out_dir / f"{self.name}_stats.json", json.dumps(
+            {"count": len(self.rows), "successes": int((frame["status"] == "kept").sum()),
+             "status_dict": {("kept" if s == "kept" else f"{s}:{r}"): int(n) for (s, r), n in stats.items()}},
+            indent=2))
+        atomic_write_parquet(frame, self.out_dir / f"{self.name}.parquet")  # the commit
+        os.replace(self.tmp, self.out_dir / f"{self.name}.tar")
+
+    def abandon(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def sample_members(res: dict) -> list[tuple[str, bytes]]:
+    return list(res["files"]) + [("txt", res["text"].encode()),
+                                 ("json", json.dumps(res["meta"], sort_keys=True).encode())]
+
+
+def _safe(fetch_one: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """A bug in one sample's handling fails that sample, not the crawl."""
+    def run(item: dict) -> dict:
+        try:
+            return fetch_one(item)
+        except Exception as exc:  # noqa: BLE001 - recorded in the ledger
+            return {"status": "failed", "reason": "crawl_error", "error": f"{type(exc).__name__}: {exc}"[:2000],
+                    "transient": False}
+    return run
+
+
+def _in_order(pool: ThreadPoolExecutor, fn: Callable[[dict], dict], items: Iterable[dict],
+              window: int) -> Iterator[tuple[dict, dict]]:
+    """(item, fn(item)) in input order, with at most `window` items submitted and not yet
+    taken: memory holds `window` samples, however large the shard."""
+    todo = iter(items)
+    pending: deque = deque()
+    for item in todo:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= window:
+            break
+    while pending:
+        item, future = pending.popleft()
+        res = future.result()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(fn, nxt)))
+        yield item, res
+
+
+def roll_forward(out_dir: Path, prefix: str) -> None:
+    """After a crash: a committed shard's tar (parquet written, rename not yet done) is
+    renamed into place; every other temporary file of the round is half-written: deleted."""
+    for tmp in sorted(out_dir.glob(f"{prefix}-*.tmp")):
+        name = tmp.name[: -len(".tar.tmp")] if tmp.name.endswith(".tar.tmp") else None
+        if name and (out_dir / f"{name}.parquet").exists():
+            os.replace(tmp, out_dir / f"{name}.tar")
+        else:
+            tmp.unlink(missing_ok=True)
+
+
 def _run_round(round_dir: Path, prefix: str, out_dir: Path, fetch_one: Callable[[dict], dict], *,
-               threads: int, samples_per_shard: int) -> None:
+               threads: int, samples_per_shard: int, max_shard_bytes: int = GiB) -> None:
+    """Fetch the round's items into shards of at most `samples_per_shard` rows and (unless
+    one sample alone is larger) `max_shard_bytes` bytes of tar. Shards are written in input
+    order, one at a time, so the finished ones (those with a parquet) cover a prefix of
+    the items; a resumed round skips their uids and goes on with the next shard number."""
     items = pd.read_parquet(round_dir / "items.parquet").to_dict(orient="records")
-    with ThreadPoolExecutor(threads) as pool:
-        for shard_no, start in enumerate(range(0, len(items), samples_per_shard)):
-            name = f"{prefix}-{shard_no:05d}"
-            if (out_dir / f"{name}.parquet").exists():
-                continue  # committed before a crash
-            chunk = items[start:start + samples_per_shard]
-            results = list(pool.map(fetch_one, chunk))
-            samples, rows = [], []
-            for i, (item, res) in enumerate(zip(chunk, results)):
-                key = f"{shard_no:05d}{i:05d}"
-                rows.append({"uid": item["uid"], "raw_key": key if res["status"] == "kept" else None,
-                             **{k: res[k] for k in ("status", "reason", "error", "transient")}})
-                if res["status"] == "kept":
-                    members = list(res["files"]) + [("txt", res["text"].encode()),
-                                                    ("json", json.dumps(res["meta"], sort_keys=True).encode())]
-                    samples.append((key, members))
-            atomic_write_bytes(out_dir / f"{name}.tar", tar_bytes(samples))
-            frame = pd.DataFrame(rows)
-            stats = frame.groupby(["status", "reason"], dropna=False).size()
-            atomic_write_text(out_dir / f"{name}_stats.json", json.dumps(
-                {"count": len(rows), "successes": int((frame["status"] == "kept").sum()),
-                 "status_dict": {("kept" if s == "kept" else f"{s}:{r}"): int(n) for (s, r), n in stats.items()}},
-                indent=2))
-            atomic_write_parquet(frame, out_dir / f"{name}.parquet")  # last: marks the shard done
+    roll_forward(out_dir, prefix)
+    done: set = set()
+    next_no = 0
+    for pq_path in sorted(out_dir.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9].parquet")):
+        done.update(pd.read_parquet(pq_path, columns=["uid"])["uid"])
+        next_no = max(next_no, int(pq_path.stem.rsplit("-", 1)[1]) + 1)
+    todo = [it for it in items if it["uid"] not in done]
+    writer: ShardWriter | None = None
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for item, res in _in_order(pool, _safe(fetch_one), todo, window=2 * threads):
+                size = _tar_size(sample_members(res)) if res["status"] == "kept" else 0
+                if writer is not None and (len(writer.rows) >= samples_per_shard
+                                           or (writer.bytes and writer.bytes + size > max_shard_bytes)):
+                    writer.publish()
+                    writer = None
+                if writer is None:
+                    writer = ShardWriter(out_dir, f"{prefix}-{next_no:05d}", next_no)
+                    next_no += 1
+                writer.add(item, res)
+                del res
+            if writer is not None:
+                writer.publish()
+                writer = None
+    finally:
+        if writer is not None:  # an exception (or KeyboardInterrupt) mid-shard
+            writer.abandon()
 
 
 def crawl_media(kind: str, input_path: str | Path, out_dir: str | Path, *, url_col: str | None = None,
                 caption_col: str | None = None, source: str | None = None, allow_private: bool = False,
                 allowed_networks: tuple[str, ...] = (), threads: int = 16, samples_per_shard: int = 100,
                 timeout: float = 10, retries: int = 2, require_images: str = "all",
-                policy: FetchPolicy | None = None) -> pd.DataFrame:
-    """Crawl (or resume) documents (kind="interleaved") or videos (kind="video")."""
+                max_shard_bytes: int = GiB, policy: FetchPolicy | None = None) -> pd.DataFrame:
+    """Crawl (or resume) documents (kind="interleaved") or videos (kind="video"). A raw
+    shard closes at `samples_per_shard` attempted samples or `max_shard_bytes` of tar,
+    whichever comes first; memory holds about 2 x `threads` samples, not a shard."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     policy = policy or FetchPolicy(timeout=timeout, retries=retries, allow_private=allow_private,
                                    allowed_networks=tuple(allowed_networks))
+    refusals = None
     if kind == "interleaved":
         items = read_documents(input_path, source)
-        valid = pd.Series(True, index=items.index)
+        valid = items["problem"].isna()
+        refusals = pd.DataFrame({"reason": "bad_document", "error": items["problem"]}, index=items.index)
         fetch_one = lambda row: fetch_document(row, policy, require_images)  # noqa: E731
     elif kind == "video":
         items = read_url_list(input_path, url_col=url_col, caption_col=caption_col, source=source)
-        valid = items["url"].map(valid_url)
+        valid = items["url"].map(lambda u: url_problem(u) is None)
         fetch_one = lambda row: fetch_video(row, policy)  # noqa: E731
     else:
         raise InputError(f"unknown crawl kind {kind!r}")
     return crawl_in_rounds(items, valid, out_dir, kind,
                            lambda round_dir, prefix: _run_round(round_dir, prefix, out_dir, fetch_one, threads=threads,
-                                                                samples_per_shard=samples_per_shard),
-                           read_media_shard)
+                                                                samples_per_shard=samples_per_shard,
+                                                                max_shard_bytes=max_shard_bytes),
+                           read_media_shard, refusals)

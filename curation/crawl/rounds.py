@@ -78,11 +78,16 @@ def latest_outcomes(out_dir: Path, kind: str, read_shard) -> pd.DataFrame:
 
 
 def crawl_in_rounds(items: pd.DataFrame, valid: pd.Series, out_dir: Path, kind: str,
-                    run_round: Callable[[Path, str], None], read_shard) -> pd.DataFrame:
+                    run_round: Callable[[Path, str], None], read_shard,
+                    refusals: pd.DataFrame | None = None) -> pd.DataFrame:
     """Finish an interrupted round, run one new round over what is left, write the ledger.
 
+    `valid` marks the rows worth fetching; the others are dropped without a request, with
+    the reason and error in `refusals` (columns reason, error; indexed like items) or, by
+    default, bad_url and what is wrong with the url.
     `run_round(round_dir, prefix)` must leave `prefix-SSSSS.tar/.parquet` files in out_dir
-    and may be called again on the same round after a crash (it must skip finished shards).
+    and may be called again on the same round after a crash (it must skip finished shards
+    and publish each shard atomically).
     """
     fix_input(items, out_dir, kind)
     rounds = round_dirs(out_dir, kind)
@@ -102,16 +107,34 @@ def crawl_in_rounds(items: pd.DataFrame, valid: pd.Series, out_dir: Path, kind: 
         run_round(round_dir, shard_prefix(kind, round_dir))
         atomic_write_text(round_dir / "_DONE", "")
         latest = latest_outcomes(out_dir, kind, read_shard)
-    return write_ledger(items, valid, latest, out_dir, kind)
+    return write_ledger(items, valid, latest, out_dir, kind, refusals)
 
 
-def write_ledger(items: pd.DataFrame, valid: pd.Series, latest: pd.DataFrame, out_dir: Path, kind: str) -> pd.DataFrame:
+def _refusals(items: pd.DataFrame, valid: pd.Series, refusals: pd.DataFrame | None) -> pd.DataFrame:
+    from .guard import url_problem
+
+    bad = items.loc[~valid]
+    errors = [url_problem(u) or "no fetchable http(s) url" for u in bad["url"]]
+    out = pd.DataFrame({"reason": "bad_url", "error": errors}, index=bad.index)
+    if refusals is not None:
+        given = refusals.reindex(out.index)
+        out["reason"] = given["reason"].where(given["reason"].notna(), out["reason"])
+        out["error"] = given["error"].where(given["error"].notna(), out["error"])
+    out["error"] = out["error"].astype(str).str.slice(0, 2000)
+    return out
+
+
+def write_ledger(items: pd.DataFrame, valid: pd.Series, latest: pd.DataFrame, out_dir: Path, kind: str,
+                 refusals: pd.DataFrame | None = None) -> pd.DataFrame:
     base = items[["uid", "source", "url"]].assign(stage="crawl")
-    bad = base[~valid].assign(status="dropped", reason="bad_url", error="no fetchable http(s) url")
+    why = _refusals(items, valid, refusals)
+    bad = base[~valid].assign(status="dropped", reason=why["reason"], error=why["error"])
     got = base[valid].merge(latest.drop(columns=["round"]), on="uid", how="left")
     missing = got["status"].isna()
-    got.loc[missing, ["status", "reason", "error"]] = ["failed", "not_reported", "the crawler reported no result"]
+    if missing.any():
+        got.loc[missing, ["status", "reason", "error"]] = ["failed", "not_reported", "the crawler reported no result"]
     kept = got["status"] == "kept"
+    got["tier"] = got["shard"] = None  # also when nothing was fetchable (got is empty)
     got.loc[kept, "tier"] = "raw"
     got.loc[kept, "shard"] = got.loc[kept, "raw_shard"]
     got.loc[~kept, ["raw_shard", "raw_key"]] = None
@@ -131,7 +154,7 @@ def crawl_stats(out_dir: str | Path, kind: str) -> dict:
     """Every round's per-shard _stats.json summed: attempts (retries count again),
     successes, and the outcome histogram (img2dataset's error messages decoded to our
     reasons), plus img2dataset's own download-time figures where present."""
-    from .img2dataset_bridge import decode_error
+    from .fetch import decode_error  # not via img2dataset_bridge: that imports img2dataset
 
     total: dict = {"shards": 0, "count": 0, "successes": 0, "outcomes": {}}
     for path in sorted(glob.glob(str(Path(out_dir) / f"{kind}-r[0-9][0-9][0-9]-*_stats.json"))):
