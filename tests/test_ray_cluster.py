@@ -1,24 +1,32 @@
 """`curate run --ray-address` on a real two-node Ray cluster (head + worker, both
-started with `ray start` on 127.0.0.1), compared with the local run."""
+started with `ray start` on 127.0.0.1), compared with the local run.
+
+The nodes run a Python that has the dependencies but cannot import `curation` (a venv
+without it, started outside the repository), and the drivers run outside the repository
+too (Ray puts the driver's working directory on the workers' path). So every worker
+runs the code and reads the contracts that `py_modules` shipped, or fails."""
 
 import json
 import os
 import secrets
-import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import shutil
+import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
-from .conftest import curate
+from .conftest import CURATE, curate
+from .test_wheel import make_venv, venv_env
 
 pytestmark = pytest.mark.slow
-
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def free_port() -> int:
@@ -27,40 +35,110 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_cli(*args, env):
-    proc = subprocess.run([RAY, *args], capture_output=True, text=True, env=env, timeout=180)
-    if proc.returncode != 0:
-        raise AssertionError(f"ray {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+def curate_outside(*args, cwd: Path, env: dict, check=True, timeout=900) -> subprocess.CompletedProcess:
+    """The CLI as a user would run it, from a folder that is not the repository."""
+    proc = subprocess.run([*CURATE, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"curate {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def start_node(python: Path, args: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+    """`ray start --block` in its own session: the process stays, owns the node's
+    processes, and stops them when it gets SIGTERM."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(python), "-m", "ray.scripts.scripts", "start", "--block", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while b"will now block forever" not in log.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_node(proc)
+            raise AssertionError(f"ray start {' '.join(args)} did not start:\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+def stop_node(proc: subprocess.Popen) -> None:
+    """Stop one node by its own processes: SIGTERM to `ray start --block` (which stops
+    the raylet, GCS, agents and workers it started), then SIGKILL to any of its
+    descendants still alive. Never `ray stop`, which stops every Ray on the machine."""
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> Path:
+    """A Python with the dependencies (ray included) but without `curation`."""
+    return make_venv(tmp_path_factory.mktemp("bare") / "venv")
 
 
 @pytest.fixture
-def two_node_cluster():
+def two_node_cluster(bare_python, tmp_path):
     port = free_port()
     # Ray's head enables token auth; every process of the cluster shares one token.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    auth = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    node_env = {**venv_env(bare_python), **auth}
     # Short temp dir: Ray's unix sockets live under it and socket paths max out at ~107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    nodes = []
     try:
-        ray_cli("start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}", *common, env=env)
-        ray_cli("start", f"--address=127.0.0.1:{port}", *common, env=env)
-        yield f"127.0.0.1:{port}", env
+        nodes.append(start_node(bare_python, ["--head", f"--port={port}", "--include-dashboard=false", *common],
+                                node_env, tmp_path, tmp_path / "head.log"))
+        nodes.append(start_node(bare_python, [f"--address=127.0.0.1:{port}", *common], node_env, tmp_path,
+                                tmp_path / "worker.log"))
+        yield f"127.0.0.1:{port}", {**os.environ, **auth}
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=180)
+        for proc in reversed(nodes):
+            stop_node(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_run_on_two_node_cluster(demo_out, two_node_cluster, tmp_path):
+PROBE = """
+import importlib.util, json, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+@ray.remote(num_cpus=0)
+def where():
+    import importlib.util, sys
+    return {"curation": importlib.util.find_spec("curation") is not None, "python": sys.executable}
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+print(json.dumps(ray.get([where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote()
+                          for n in nodes])))
+"""
+
+
+def test_run_on_two_node_cluster(demo_out, bare_python, two_node_cluster, tmp_path):
     address, env = two_node_cluster
-    probe = subprocess.run([sys.executable, "-c", (
-        "import ray, json; ray.init(address='%s', log_to_driver=False); "
-        "print(json.dumps([n['Alive'] for n in ray.nodes()]))") % address],
-        capture_output=True, text=True, timeout=120, check=True, env=env)
-    assert json.loads(probe.stdout.strip().splitlines()[-1]) == [True, True]
+    probe = subprocess.run([sys.executable, "-c", textwrap.dedent(PROBE), address], capture_output=True, text=True,
+                           timeout=120, env=env, cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    workers = json.loads(probe.stdout.strip().splitlines()[-1])
+    # Two live nodes, and no worker on either can import curation by itself.
+    assert workers == [{"curation": False, "python": str(bare_python)}] * 2, workers
 
     out = tmp_path / "cluster"
-    curate("run", "pipelines/demo.yaml", "--input", demo_out / "raw", "--out", out, "--ray-address", address, env=env)
+    curate_outside("run", "demo", "--input", demo_out / "raw", "--out", out, "--ray-address", address,
+                   cwd=tmp_path, env=env)
     local = pd.read_parquet(demo_out / "curated" / "ledger.parquet").sort_values("uid").reset_index(drop=True)
     remote = pd.read_parquet(out / "ledger.parquet").sort_values("uid").reset_index(drop=True)
     pd.testing.assert_frame_equal(local, remote)
@@ -83,8 +161,9 @@ def test_crawl_with_img2dataset_ray_distributor(two_node_cluster, tmp_path):
         urls = pd.DataFrame({"url": [f"{base}/img/{i}.jpg" for i in range(40)] + [f"{base}/missing.jpg"],
                              "caption": [f"image {i}" for i in range(41)]})
         urls.to_parquet(tmp_path / "urls.parquet")
-        proc = curate("crawl", "--input", tmp_path / "urls.parquet", "--out", tmp_path / "raw",
-                      "--allow-network", "127.0.0.1/32", "--samples-per-shard", "10", "--ray-address", address, env=env)
+        proc = curate_outside("crawl", "--input", tmp_path / "urls.parquet", "--out", tmp_path / "raw",
+                              "--allow-network", "127.0.0.1/32", "--samples-per-shard", "10", "--ray-address", address,
+                              cwd=tmp_path, env=env)
     assert "crawled 41 urls" in proc.stdout
     ledger = pd.read_parquet(tmp_path / "raw" / "crawl_ledger-image_text.parquet")
     assert (ledger["status"] == "kept").sum() == 40 and ledger["raw_shard"].nunique() == 4  # 5th shard: the 404 only
