@@ -67,7 +67,9 @@ def validate_media(row: dict, files: dict[str, bytes]) -> None:
     try:
         _, updates = tier_members(row, files)
     except MediaError as exc:
-        row.update(status="failed", reason=exc.reason, error=str(exc)[:300])
+        # Over the pixel cap is policy (dropped, as decode_image does); broken media failed.
+        row.update(status="dropped" if exc.reason == "too_many_pixels" else "failed", reason=exc.reason,
+                   error=str(exc)[:300])
         return
     row.update(updates)
 
@@ -201,19 +203,8 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     ds = ds.map_batches(write_parts, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=READ_TASK_CPUS,
                         fn_kwargs={"parts_root": str(annotated), "tiers": cfg.tiers, "seed": cfg.seed})
 
-    acked: dict[str, list[str]] = defaultdict(list)
-    got: dict[str, int] = defaultdict(int)
-    bar = _progress(sum(counts[p.name] for p in todo), "curate")
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for name, part, n in zip(*(batch.column(c).to_pylist() for c in ("raw_shard", "part", "rows"))):
-            acked[name].append(part)
-            got[name] += n
-            if got[name] == counts[name]:
-                _commit(annotated, name, acked.pop(name), got[name])
-            elif got[name] > counts[name]:
-                raise AccountingError(f"raw shard {name}: got {got[name]} rows back for {counts[name]} samples")
-            bar.update(n)
-    bar.close()
+    with _progress(sum(counts[p.name] for p in todo), "curate") as bar:
+        _collect(ds, counts, annotated, bar)
     missing = [p.name for p in todo if not marker_path(annotated, p).exists()]
     if missing:
         raise AccountingError(f"samples missing after stage A for raw shards {missing[:5]}")
@@ -223,3 +214,19 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
             if stray.name not in listed:
                 stray.unlink()
     return sum(p.stat().st_size for p in todo)
+
+
+def _collect(ds, counts: dict[str, int], annotated: Path, bar) -> None:
+    """The driver's whole share of stage A: count acknowledged rows per raw shard and
+    commit a shard once all of its samples are in parts."""
+    acked: dict[str, list[str]] = defaultdict(list)
+    got: dict[str, int] = defaultdict(int)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for name, part, n in zip(*(batch.column(c).to_pylist() for c in ("raw_shard", "part", "rows"))):
+            acked[name].append(part)
+            got[name] += n
+            if got[name] == counts[name]:
+                _commit(annotated, name, acked.pop(name), got[name])
+            elif got[name] > counts[name]:
+                raise AccountingError(f"raw shard {name}: got {got[name]} rows back for {counts[name]} samples")
+            bar.update(n)

@@ -40,4 +40,24 @@ def curation_error_in(exc: BaseException) -> CurationError | None:
         if isinstance(e, CurationError):
             return e
         stack.extend([e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None])
-    return None
+    return _from_text(str(exc))
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def _from_text(text: str) -> CurationError | None:
+    """Ray Data may deliver a task's error only as its formatted traceback: find the
+    last `curation....SomeError: message` line in it."""
+    import re
+
+    known = {c.__name__: c for c in [CurationError, *_subclasses(CurationError)]}
+    found = None
+    for m in re.finditer(r"^curation\.[\w.]+\.(\w+): (.+)$", text, flags=re.M):
+        if m.group(1) in known:
+            found = known[m.group(1)](m.group(2).strip())
+    return found

@@ -293,9 +293,16 @@ class MapOp(Operator):
 
     def _check_systematic(self, done: pd.DataFrame) -> None:
         own = done["reason"] == f"{self.name}_error"
-        if len(done) >= self.SYSTEMATIC_MIN_ROWS and own.all() and done["error"].nunique() == 1:
+        if len(done) >= self.SYSTEMATIC_MIN_ROWS and own.all() and done["error"].map(error_signature).nunique() == 1:
             raise SystematicError(f"operator {self.name} raised the same error on all {len(done)} rows of a batch "
                                   f"(a bug or a configuration error, not bad data): {done['error'].iloc[0]}")
+
+
+def error_signature(error: str) -> str:
+    """What makes two row errors 'the same': the exception type and where it was raised,
+    not the message (which often quotes the row's own value)."""
+    where = error.rsplit(" (at ", 1)[1] if " (at " in error else ""
+    return f"{error.split(':', 1)[0]}@{where}"
 
 
 class SystematicError(CurationError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 import math
 import os
 import socket
@@ -31,6 +32,8 @@ def start_ray(address: str | None = None) -> None:
         return
     if address:
         _check_reachable(address)
+    # Ray Data's advice on actor pool sizing is not for our users.
+    warnings.filterwarnings("ignore", module=r"ray\.data\..*")
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         if address:

@@ -57,7 +57,9 @@ def route_rows(live: pd.DataFrame, rules: tuple[TierRule, ...]) -> tuple[pd.Seri
     A predicate that fails on some rows (a cast of a bad value, say) fails those rows
     only; failing on every row of a batch with one error is a recipe bug and stops the
     job (SystematicError)."""
-    from ..ops.base import SystematicError, describe_error
+    from ..ops.base import MapOp, SystematicError, describe_error
+
+    SYSTEMATIC_MIN_ROWS = MapOp.SYSTEMATIC_MIN_ROWS
 
     tiers = pd.Series([None] * len(live), index=live.index, dtype=object)
     errors = pd.Series([None] * len(live), index=live.index, dtype=object)
@@ -74,8 +76,9 @@ def route_rows(live: pd.DataFrame, rules: tuple[TierRule, ...]) -> tuple[pd.Seri
             tiers[idx] = _route(frame.iloc[[pos]], rules)[0]
         except duckdb.Error as exc:
             errors[idx] = f"tier predicate failed: {describe_error(exc).splitlines()[0]}"[:300]
-    if errors.notna().all() and errors.nunique() == 1 and len(errors) >= 2:
-        raise SystematicError(f"tier routing failed on every row of a batch (a recipe error): {errors.iloc[0]}")
+    kinds = errors.dropna().map(lambda e: e.split(":", 2)[1].strip())  # the DuckDB error class, not the quoted value
+    if errors.notna().all() and kinds.nunique() == 1 and len(errors) >= SYSTEMATIC_MIN_ROWS:
+        raise SystematicError(f"tier routing failed on every row of a batch of {len(errors)} (a recipe error): {errors.iloc[0]}")
     return tiers, errors
 
 
