@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_crawl)
 
     r = sub.add_parser("run", help="run (or resume) a curation pipeline over raw shards")
-    r.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/demo.yaml")
+    r.add_argument("pipeline", help="pipeline YAML file, or the name of a bundled recipe (demo, llava_onevision)")
     r.add_argument("--input", required=True, help="folder of raw shards (from curate crawl)")
     r.add_argument("--out", required=True, help="output folder; running again on it resumes")
     r.add_argument("--ray-address", help="Ray cluster address (default: start Ray locally)")
