@@ -9,7 +9,7 @@ files the other stages read in parallel:
 
   _work/decide/picks/raw_idx=N/*.parquet         per raw shard: which keys go to which tier shard, at which position
   _work/decide/sidecars/shard_id=N/*.parquet     per tier shard: its sidecar rows, in order
-  _work/decide/shards.parquet                    the tier shards: id, tier, name, samples
+  _work/decide/shards.json                       the tier shards (id, tier, name, samples, bytes) and counts; written last
   _work/decide/ledger.parquet                    every input once (stage 'curate'), ordered by uid
 
 Everything here is deterministic (ties broken by uid), so recomputing it after a crash
@@ -20,8 +20,11 @@ when no cluster is given. That keeps this stage unit-testable in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
+import time
 import shutil
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -35,6 +38,7 @@ import pyarrow.parquet as pq
 
 from . import schemas
 from .errors import AccountingError
+from .fsutil import atomic_write_text
 
 # Preference among duplicates: the largest image first, ties by uid (independent of row order).
 PREFERENCE = "coalesce(width, 0)::BIGINT * coalesce(height, 0)::BIGINT DESC, uid"
@@ -268,10 +272,13 @@ def assign_shards(con: duckdb.DuckDBPyConnection, tiers: list[str], max_samples:
                                sum(coalesce(s.num_bytes, 0))
                             FROM _assign a JOIN samples s USING (uid) WHERE a.shard_id >= {next_id} GROUP BY a.shard_id""")
             next_id += used
-    con.execute("ALTER TABLE samples ADD COLUMN IF NOT EXISTS shard_id BIGINT")
-    con.execute("ALTER TABLE samples ADD COLUMN IF NOT EXISTS pos BIGINT")
-    con.execute("""UPDATE samples SET shard_id = a.shard_id, pos = a.pos, shard = s.name || '.tar', key = samples.uid
-                   FROM _assign a JOIN shards s USING (shard_id) WHERE samples.uid = a.uid""")
+    # Rebuilding the table is far cheaper in DuckDB than an UPDATE of most of its rows.
+    con.execute("""CREATE OR REPLACE TABLE samples AS
+                   SELECT s.* EXCLUDE (shard, key), a.shard_id, a.pos,
+                          CASE WHEN a.shard_id IS NOT NULL THEN sh.name || '.tar' END AS shard,
+                          CASE WHEN a.shard_id IS NOT NULL THEN s.uid END AS key
+                   FROM samples s LEFT JOIN _assign a USING (uid) LEFT JOIN shards sh USING (shard_id)""")
+    con.execute("DROP TABLE _assign")
 
 
 # ------------------------------------------------------------------ the stage
@@ -347,7 +354,7 @@ def export(con: duckdb.DuckDBPyConnection, folder: Path, raw_names: list[str], l
               for r in con.execute("SELECT shard_id, tier, name, samples, bytes FROM shards ORDER BY shard_id").fetchall()]
     counts = dict(con.execute("SELECT status, count(*) FROM samples GROUP BY status").fetchall())
     decision = Decision(folder, shards, {k: int(v) for k, v in counts.items()})
-    (folder / "shards.json").write_text(json.dumps({"shards": shards, "counts": decision.counts}, indent=1) + "\n")
+    atomic_write_text(folder / "shards.json", json.dumps({"shards": shards, "counts": decision.counts}, indent=1) + "\n")
     return decision
 
 
@@ -359,6 +366,14 @@ def load_decision(folder: Path) -> Decision | None:
     return Decision(folder, doc["shards"], doc["counts"])
 
 
+@contextlib.contextmanager
+def _step(name: str):
+    """One progress line per step of stage B on stderr (it shows no bar)."""
+    t = time.time()
+    yield
+    print(f"decide: {name} {time.time() - t:.1f} s", file=sys.stderr, flush=True)
+
+
 def decide(cfg, annotated: list[Path], raw_names: list[str], work: Path, *, binary_columns: tuple[str, ...],
            memory_limit: str = DEFAULT_MEMORY_LIMIT, map_tasks: Callable = serial_map, threads: int | None = None) -> Decision:
     """Run stage B over stage A's files; returns where its outputs are. `shards.json`
@@ -366,19 +381,23 @@ def decide(cfg, annotated: list[Path], raw_names: list[str], work: Path, *, bina
     folder = work / "decide"
     con = connect(work / "decide.duckdb", memory_limit, threads)
     try:
-        present = load_samples(con, annotated, binary_columns)
-        resolve_uid_conflicts(con)
+        with _step("load"):
+            present = load_samples(con, annotated, binary_columns)
+            resolve_uid_conflicts(con)
         scratch = work / "decide_scratch"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
         ctx = DecideContext(con, annotated, scratch, cfg.seed, map_tasks, present)
         for spec in cfg.global_ops:
-            spec.build().decide(ctx)
-        route_unrouted(con)
-        assign_shards(con, [r.name for r in cfg.tiers], cfg.shard.max_samples, cfg.shard.max_bytes)
+            with _step(spec.name):
+                spec.build().decide(ctx)
+        with _step("shard cuts"):
+            route_unrouted(con)
+            assign_shards(con, [r.name for r in cfg.tiers], cfg.shard.max_samples, cfg.shard.max_bytes)
         lineage = {"pipeline": cfg.name, "config_hash": cfg.config_hash,
                    "op_versions": json.dumps(cfg.op_versions, sort_keys=True)}
-        decision = export(con, folder, raw_names, lineage, schemas.columns("sidecar"), present | {"shard_id", "pos"})
+        with _step("export"):
+            decision = export(con, folder, raw_names, lineage, schemas.columns("sidecar"), present | {"shard_id", "pos"})
         shutil.rmtree(scratch, ignore_errors=True)
         return decision
     finally:

@@ -117,10 +117,24 @@ def save_checkpoint(out: Path, model: VLM, tok, optimizer, scheduler, state: dic
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     save_tokenizer(tok, tmp / "tokenizer.json")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(old, ignore_errors=True)  # a kill inside the last save's cleanup may have left it
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(out: Path) -> None:
+    """A kill between save_checkpoint's two renames leaves no checkpoint/: take the new one
+    if it is complete (state.json is written last), else the old one."""
+    final = out / "checkpoint"
+    if (final / "state.json").is_file():
+        return
+    for candidate in (out / "checkpoint.tmp", out / "checkpoint.old"):
+        if (candidate / "state.json").is_file():
+            shutil.rmtree(final, ignore_errors=True)
+            candidate.rename(final)
+            return
 
 
 # ---------------------------------------------------------------- the loop
@@ -138,6 +152,7 @@ def train(opts: TrainOptions, stop_after: int | None = None) -> dict:
     mode = trainable_mode(plan, stage, opts.trainable)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    recover_checkpoint(out)
     ckpt = out / "checkpoint"
     identity = {"arch": opts.arch, "size": opts.size, "stage": stage["name"], "trainable": mode,
                 "batch_size": opts.batch_size, "workers": opts.workers, "seed": opts.seed,
