@@ -79,12 +79,20 @@ def cmd_crawl(args) -> None:
     print("run the same command again to retry transient failures (successes are never refetched)")
 
 
+def _memory_size(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", text.strip(), flags=re.I):
+        raise argparse.ArgumentTypeError(f"not a memory size like 512MB or 4GB: {text!r}")
+    return text.strip()
+
+
 def cmd_run(args) -> None:
     from . import config
 
     cfg = config.load(args.pipeline)  # every recipe mistake is reported before Ray or the runner is imported
     from .runner import run_pipeline
-    summary = run_pipeline(cfg, args.input, args.out, ray_address=args.ray_address)
+    summary = run_pipeline(cfg, args.input, args.out, ray_address=args.ray_address, memory_limit=args.memory_limit)
     _print_summary(summary, Path(args.out))
 
 
@@ -256,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, help="folder of raw shards (from curate crawl)")
     r.add_argument("--out", required=True, help="output folder; running again on it resumes")
     r.add_argument("--ray-address", help="Ray cluster address (default: start Ray locally)")
+    r.add_argument("--memory-limit", default="512MB", type=_memory_size,
+                   help="memory for stage B's DuckDB on the driver (it spills to OUT/_work beyond it), e.g. 512MB, 4GB")
     r.set_defaults(func=cmd_run)
 
     ex = sub.add_parser("export", help="export a tier for another trainer (llava: LLaVA-NeXT conversation JSON + YAML)")
