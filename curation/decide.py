@@ -406,29 +406,35 @@ def decide(cfg, annotated: list[Path], raw_names: list[str], work: Path, *, bina
         shutil.rmtree(work / "decide.duckdb.tmp", ignore_errors=True)
 
 
-def apply_global_ops(frame, ops: list, scratch: Path | None = None, seed: int = 0):
+def apply_global_ops(frame, ops: list, seed: int = 0, binary_columns: tuple[str, ...] = ("image_bytes", "clip_embedding")):
     """Global operators over an in-memory pandas frame (rows with uid, kind, status,
-    reason and whatever the operators read); returns the frame with their decisions.
-    For tests and notebooks: the job runs the same operators out of core in `decide`."""
+    reason and whatever the operators read; embeddings as bytes); returns the frame with
+    their decisions. For tests and notebooks: the job runs the same operators, the same
+    way, over stage A's files in `decide`."""
     import tempfile
 
     import pandas as pd
 
-    con = duckdb.connect()
     frame = frame.copy()
     for col in ("reason", "dup_of", "error"):
         frame[col] = (frame[col] if col in frame.columns else pd.Series(None, index=frame.index)).astype("string")
-    con.register("_frame", frame)
-    con.execute("CREATE TABLE samples AS SELECT * FROM _frame")
-    con.unregister("_frame")
+    if "raw_shard" not in frame.columns:
+        frame["raw_shard"] = "memory"
+    if "raw_key" not in frame.columns:
+        frame["raw_key"] = frame["uid"]
+    frame = frame.drop(columns=[c for c in frame.columns if str(c).startswith("_")])
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = DecideContext(con, [], Path(scratch or tmp), seed, serial_map, set(frame.columns))
+        part = Path(tmp) / "part.parquet"
+        frame.to_parquet(part, index=False)
+        con = duckdb.connect()
+        columns = load_samples(con, [part], binary_columns)
+        ctx = DecideContext(con, [part], Path(tmp), seed, serial_map, columns)
         for op in ops:
             op.decide(ctx)
         out = con.execute("SELECT uid, status, reason, dup_of FROM samples").df().set_index("uid")
     result = frame.set_index("uid")
     result[["status", "reason", "dup_of"]] = out.loc[result.index, ["status", "reason", "dup_of"]].astype(object)
-    return result.reset_index().where(lambda f: f.notna(), None)
+    return result.reset_index().astype(object).where(lambda f: f.notna(), None)
 
 
 def check_accounting(counts: dict[str, int], n_raw: int) -> dict[str, int]:

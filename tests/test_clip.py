@@ -6,6 +6,8 @@ import random
 
 import numpy as np
 import pandas as pd
+
+from curation.decide import apply_global_ops
 import pytest
 from PIL import Image
 
@@ -118,11 +120,11 @@ def test_top_fraction_is_global_and_ties_break_by_uid():
     table = pd.DataFrame({"uid": [f"u{i:02d}" for i in range(n)], "kind": "image_text",
                           "status": ["kept"] * 9 + ["dropped"], "reason": [None] * 9 + ["too_small"],
                           "clip_score": [0.1, 0.9, 0.5, 0.5, 0.3, 0.8, 0.2, 0.5, 0.7, 0.99]})
-    out = op(ClipTopFraction, fraction=0.3).apply(table.copy())
+    out = apply_global_ops(table, [op(ClipTopFraction, fraction=0.3)])
     kept = set(out.loc[out["status"] == "kept", "uid"])
     assert kept == {"u01", "u05", "u08"}  # top 3 of the 9 live rows; the dropped 0.99 does not count
     assert set(out.loc[out["reason"] == "clip_score_rank", "uid"]) == {f"u{i:02d}" for i in (0, 2, 3, 4, 6, 7)}
-    half = op(ClipTopFraction, fraction=0.5).apply(table.copy())
+    half = apply_global_ops(table, [op(ClipTopFraction, fraction=0.5)])
     assert set(half.loc[half["status"] == "kept", "uid"]) == {"u01", "u05", "u08", "u02", "u03"}  # tie at 0.5: by uid
 
 
@@ -148,7 +150,7 @@ def test_semantic_dedup_finds_planted_near_duplicates(clip_dir):
     table = scorer.process(table).drop(columns=["_image"])
     # The tiny demo CLIP packs distinct contents close (median nearest neighbour ~0.98),
     # so its threshold sits near 1; for a real CLIP SemDeDup uses ~0.95.
-    out = op(SemanticDedup, threshold=0.999, clusters=4).apply(table.copy())
+    out = apply_global_ops(table, [op(SemanticDedup, threshold=0.999, clusters=4)])
     dropped = out[out["reason"] == "duplicate_semantic"]
     pairs = {frozenset((u, d)) for u, d in zip(dropped["uid"], dropped["dup_of"])}
     planted = {frozenset((f"{i:016x}", f"{40 + i:016x}")) for i in range(10)}
@@ -161,7 +163,7 @@ def test_semantic_dedup_finds_planted_near_duplicates(clip_dir):
 def test_semantic_dedup_needs_embeddings():
     table = pd.DataFrame({"uid": ["a"], "kind": ["image_text"], "status": ["kept"], "reason": [None]})
     with pytest.raises(Exception, match="keep_embeddings"):
-        op(SemanticDedup).apply(table)
+        apply_global_ops(table, [op(SemanticDedup)])
 
 
 def test_env_reference_in_a_recipe_is_expanded_but_not_hashed(monkeypatch):
