@@ -13,7 +13,10 @@ import pytest
 from curation import schemas
 from curation.catalog import connect
 
+from curation.rawshards import count_samples
+
 from .conftest import curate
+from .rawgen import write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -225,7 +228,7 @@ def test_rerun_is_a_no_op(demo_out, run_root):
     assert {p: p.stat().st_mtime_ns for p in tier_tars(run_root)} == before
 
 
-def test_unreadable_shard_and_missing_input_are_one_line(demo_out, tmp_path):
+def test_a_corrupt_shard_costs_only_its_samples_and_a_missing_input_is_one_line(demo_out, tmp_path):
     missing = curate("run", "pipelines/demo.yaml", "--input", tmp_path / "nope", "--out", tmp_path / "o", check=False)
     assert missing.returncode == 2 and "input folder not found" in missing.stderr and "Traceback" not in missing.stderr
     raw = tmp_path / "raw"
@@ -233,9 +236,13 @@ def test_unreadable_shard_and_missing_input_are_one_line(demo_out, tmp_path):
     good = sorted((demo_out / "raw").glob("image_text-*.tar"))[0]
     (raw / good.name).write_bytes(good.read_bytes())
     (raw / "99999.tar").write_bytes(good.read_bytes()[:1500] + b"\x00garbage" * 50)
-    bad = curate("run", "pipelines/demo.yaml", "--input", raw, "--out", tmp_path / "o", check=False)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
-    assert "99999.tar" in bad.stderr and "Traceback" not in bad.stderr
+    recipe = write_recipe(tmp_path / "cheap.yaml")
+    curate("run", recipe, "--input", raw, "--out", tmp_path / "o")
+    ledger = pd.read_parquet(tmp_path / "o" / "ledger.parquet")
+    bad = ledger[ledger["raw_shard"] == "99999.tar"]
+    assert len(bad) >= 1 and set(bad["status"]) == {"failed"}
+    assert set(bad["reason"]) <= {"truncated_member", "unreadable_shard"}
+    assert (ledger["raw_shard"] == good.name).sum() == count_samples(good) > 0
 
 
 def test_query_failing_at_execution_is_one_line(run_root, tmp_path):
@@ -257,12 +264,15 @@ def test_an_empty_raw_shard_is_fine(demo_out, tmp_path):
     assert (tmp_path / "o" / "_SUCCESS").exists()
 
 
-def test_overlapping_raw_shards_are_refused(demo_out, tmp_path):
+def test_overlapping_raw_shards_cost_only_the_second_copies(demo_out, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     first = sorted((demo_out / "raw").glob("image_text-*.tar"))[0]
     for name in ("a.tar", "b.tar"):
         (raw / name).write_bytes(first.read_bytes())
-    proc = curate("run", "pipelines/demo.yaml", "--input", raw, "--out", tmp_path / "o", check=False)
-    assert proc.returncode == 2 and "raw shards overlap" in proc.stderr and "['a.tar', 'b.tar']" in proc.stderr
-    assert not (tmp_path / "o" / "tiers").exists()  # refused before anything was written
+    recipe = write_recipe(tmp_path / "cheap.yaml")
+    curate("run", recipe, "--input", raw, "--out", tmp_path / "o")
+    ledger = pd.read_parquet(tmp_path / "o" / "ledger.parquet")
+    second = ledger[ledger["raw_shard"] == "b.tar"]
+    assert len(second) == (ledger["raw_shard"] == "a.tar").sum() > 0
+    assert set(second["reason"]) == {"duplicate_uid"} and second["error"].str.contains("also claimed by a.tar").all()
