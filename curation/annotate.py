@@ -200,7 +200,9 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
             batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=num_cpus, num_gpus=res.num_gpus,
         )
-    ds = ds.map_batches(write_parts, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=READ_TASK_CPUS,
+    # num_cpus=0: the pools are planned to leave room for the read task only; a part writer
+    # that waited for CPU would stall stage A behind reads piling up in the object store.
+    ds = ds.map_batches(write_parts, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=0,
                         fn_kwargs={"parts_root": str(annotated), "tiers": cfg.tiers, "seed": cfg.seed})
 
     with _progress(sum(counts[p.name] for p in todo), "curate") as bar:
