@@ -443,11 +443,15 @@ def check_accounting(counts: dict[str, int], n_raw: int) -> dict[str, int]:
     return counts
 
 
-def finalize_ledger(curate_ledger: Path, crawl_ledgers: list[Path], out: Path, batch_rows: int = 1 << 16) -> int:
+def finalize_ledger(curate_ledger: Path, crawl_ledgers: list[Path], out: Path, batch_rows: int = 1 << 16,
+                    memory_limit: str = DEFAULT_MEMORY_LIMIT) -> int:
     """The run's ledger: crawl rows that never reached a raw shard, plus every curated
     row, ordered by uid, checked against the contract batch by batch (streamed: memory
-    is one batch). The crawl's kept uids must be exactly the curated ones."""
+    is one batch plus DuckDB's sort within its limit, spilling beside `out`). The
+    crawl's kept uids must be exactly the curated ones."""
     con = duckdb.connect()
+    con.execute(f"SET memory_limit = {sql_str(memory_limit)}")
+    con.execute(f"SET temp_directory = {sql_str(str(out.parent / '_work' / 'ledger.tmp'))}")
     con.execute("SET preserve_insertion_order = true")
     cur = f"read_parquet({sql_str(str(curate_ledger))})"
     parts = [f"SELECT * FROM {cur}"]

@@ -139,7 +139,8 @@ def _run(cfg: PipelineConfig, raw_dir: Path, out: Path, ray_address: str | None,
 
     manifests, raw_read_c = build_tiers(cfg, decision, shards, parts, out, work, source=raw_dir.name)
     t_c = time.time()
-    n_ledger = stage_b.finalize_ledger(decision.ledger, sorted(raw_dir.glob(CRAWL_LEDGER_GLOB)), out / "ledger.parquet")
+    n_ledger = stage_b.finalize_ledger(decision.ledger, sorted(raw_dir.glob(CRAWL_LEDGER_GLOB)), out / "ledger.parquet",
+                                       memory_limit=memory_limit)
     t_end = time.time()
 
     summary = {
