@@ -6,6 +6,7 @@ without it, started outside the repository), and the drivers run outside the rep
 too (Ray puts the driver's working directory on the workers' path). So every worker
 runs the code and reads the contracts that `py_modules` shipped, or fails."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ import psutil
 import pytest
 
 from .conftest import CURATE, curate
+from .rawgen import write_raw_shards, write_recipe
 from .test_wheel import make_venv, venv_env
 
 pytestmark = pytest.mark.slow
@@ -88,8 +90,9 @@ def bare_python(tmp_path_factory) -> Path:
     return make_venv(tmp_path_factory.mktemp("bare") / "venv")
 
 
-@pytest.fixture
-def two_node_cluster(bare_python, tmp_path):
+@contextlib.contextmanager
+def cluster(bare_python: Path, tmp_path: Path):
+    """A head and a worker node, 1 CPU each; yields (address, driver env, [head, worker])."""
     port = free_port()
     # Ray's head enables token auth; every process of the cluster shares one token.
     auth = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -103,11 +106,17 @@ def two_node_cluster(bare_python, tmp_path):
                                 node_env, tmp_path, tmp_path / "head.log"))
         nodes.append(start_node(bare_python, [f"--address=127.0.0.1:{port}", *common], node_env, tmp_path,
                                 tmp_path / "worker.log"))
-        yield f"127.0.0.1:{port}", {**os.environ, **auth}
+        yield f"127.0.0.1:{port}", {**os.environ, **auth}, nodes
     finally:
         for proc in reversed(nodes):
             stop_node(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def two_node_cluster(bare_python, tmp_path):
+    with cluster(bare_python, tmp_path) as (address, env, _):
+        yield address, env
 
 
 PROBE = """
@@ -167,3 +176,85 @@ def test_crawl_with_img2dataset_ray_distributor(two_node_cluster, tmp_path):
     assert "crawled 41 urls" in proc.stdout
     ledger = pd.read_parquet(tmp_path / "raw" / "crawl_ledger-image_text.parquet")
     assert (ledger["status"] == "kept").sum() == 40 and ledger["raw_shard"].nunique() == 4  # 5th shard: the 404 only
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "tiers").rglob("*")) if p.is_file()}
+    files["ledger.parquet"] = (out / "ledger.parquet").read_bytes()
+    return files
+
+
+def stage_actors_on(node: subprocess.Popen) -> int:
+    """How many of stage A's pool actors run on this node (Ray names a worker process
+    after the actor it hosts)."""
+    n = 0
+    for child in psutil.Process(node.pid).children(recursive=True):
+        try:
+            n += " ".join(child.cmdline()).startswith("ray::MapWorker(MapBatches(StageActor))")
+        except psutil.Error:
+            pass
+    return n
+
+
+def kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL one node at once, as a machine that dies: its `ray start` process group
+    (raylet, agents, workers) and any descendant of it that left the group."""
+    descendants = psutil.Process(node.pid).children(recursive=True)
+    os.killpg(node.pid, signal.SIGKILL)
+    for p in descendants:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    node.wait(timeout=30)
+    psutil.wait_procs(descendants, timeout=30)
+
+
+def test_losing_the_worker_node_mid_run_loses_nothing(bare_python, tmp_path):
+    """The worker node dies (SIGKILL, all its processes) while stage A's pool has actors
+    on it: Ray restarts them on the head and retries the lost tasks, the job finishes on
+    the head alone, and its ledger and tier bytes equal a local run. A hang fails after
+    600 s instead of blocking (restarted actors can fill the head, leaving no CPU to a
+    task that asks for some)."""
+    raw = tmp_path / "raw"
+    write_raw_shards(raw, shards=8, per_shard=60, seed=11)
+    n_raw = 8
+    recipe = write_recipe(tmp_path / "cheap.yaml", max_samples=16)
+    reference = tmp_path / "reference"
+    curate("run", recipe, "--input", raw, "--out", reference)
+
+    out = tmp_path / "cluster"
+    annotated = out / "_work" / "annotated"
+    with cluster(bare_python, tmp_path) as (address, env, (head, worker)):
+        started = time.monotonic()
+        log = open(tmp_path / "job.log", "w+")
+        job = subprocess.Popen([*CURATE, "run", str(recipe), "--input", str(raw), "--out", str(out), "--ray-address", address],
+                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        hung = False
+        try:
+            killed_at = None
+            deadline = time.monotonic() + 300
+            while killed_at is None and time.monotonic() < deadline and job.poll() is None:
+                done = len(list(annotated.glob("*.done.json")))
+                # stage A under way with some of its pool's actors on the worker node
+                if (out / "_work" / "run.json").exists() and done < n_raw and stage_actors_on(worker):
+                    kill_node(worker)
+                    killed_at = (time.monotonic() - started, done)
+                time.sleep(0.05)
+            assert killed_at is not None, "stage A's actors were never seen on the worker node"
+            assert killed_at[1] < n_raw
+            try:
+                job.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                hung = True
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+            log.seek(0)
+            text = log.read()
+            log.close()
+        print(f"worker killed at {killed_at} (s, committed raw shards); job took {time.monotonic() - started:.0f} s")
+        assert not hung, f"the job hung 600 s after the worker node died:\n{text[-5000:]}"
+        assert job.returncode == 0, text[-5000:]
+    assert snapshot(out) == snapshot(reference)
