@@ -23,7 +23,6 @@ from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import rawshards, schemas
 from .config import OpSpec, PipelineConfig
@@ -164,7 +163,8 @@ def _commit(annotated: Path, raw_shard: str, parts: list[str], rows: int) -> Non
     atomic_write_text(marker_path(annotated, raw_shard), json.dumps({"parts": sorted(parts), "rows": rows}) + "\n")
 
 
-def _progress(total: int, desc: str):
+def progress_bar(total: int, desc: str):
+    """The one progress bar style of the job's stages (samples, on stderr)."""
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
@@ -205,7 +205,7 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     ds = ds.map_batches(write_parts, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=0,
                         fn_kwargs={"parts_root": str(annotated), "tiers": cfg.tiers, "seed": cfg.seed})
 
-    with _progress(sum(counts[p.name] for p in todo), "curate") as bar:
+    with progress_bar(sum(counts[p.name] for p in todo), "curate") as bar:
         _collect(ds, counts, annotated, bar)
     missing = [p.name for p in todo if not marker_path(annotated, p).exists()]
     if missing:

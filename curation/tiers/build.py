@@ -16,7 +16,6 @@ entry, reading only the raw shards that feed them.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +23,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..decide import Decision, sql_list, sql_str
+from ..annotate import progress_bar
+from ..decide import Decision, sql_str
 from ..errors import NO_SPACE_ERRNOS, DiskFullError
 from ..fsutil import atomic_write_text
 from ..ops.clip import EMBEDDING_COLUMN
@@ -100,12 +100,6 @@ def write_group(group: pa.Table, sidecars_dir: str, tiers_dir: str, entries_dir:
     return pa.table({"shard_id": [shard_id], "samples": [entry["samples"]]})
 
 
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-
-
 def build_tiers(cfg, decision: Decision, raw_shards: list[Path], parts: dict[str, list[Path]], out: Path,
                 work: Path, source: str) -> tuple[dict[str, dict], int]:
     """Write every planned tier shard not yet written, then the manifests. Returns the
@@ -146,11 +140,10 @@ def build_tiers(cfg, decision: Decision, raw_shards: list[Path], parts: dict[str
         ds = ds.groupby("shard_id", num_partitions=partitions).map_groups(
             write_group, batch_format="pyarrow", num_cpus=0.5,
             fn_kwargs={"sidecars_dir": str(decision.sidecars), "tiers_dir": str(tiers_dir), "entries_dir": str(entries_dir)})
-        bar = _progress(sum(s["samples"] for s in decision.shards), "write tiers")
-        bar.update(sum(s["samples"] for s in decision.shards) - sum(s["samples"] for s in pending))
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            bar.update(sum(batch.column("samples").to_pylist()))
-        bar.close()
+        with progress_bar(sum(s["samples"] for s in decision.shards), "write tiers") as bar:
+            bar.update(sum(s["samples"] for s in decision.shards) - sum(s["samples"] for s in pending))
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                bar.update(sum(batch.column("samples").to_pylist()))
         raw_read = sum(json.loads(f.read_text())["raw_bytes_read"] for f in stats_dir.glob("*.json"))
     entries: dict[str, list] = {r.name: [] for r in cfg.tiers}
     for s in decision.shards:
@@ -162,5 +155,3 @@ def build_tiers(cfg, decision: Decision, raw_shards: list[Path], parts: dict[str
         manifests[rule.name] = write_manifest(tier_dir, rule.name, cfg, entries[rule.name])
     return manifests, raw_read
 
-
-__all__ = ["build_tiers", "read_picked", "write_group", "sql_list"]
