@@ -1,5 +1,6 @@
 """Curation throughput: the Ray Data job against a plain loop, same operators, same
-inputs, one run. Usage: python bench/bench_curate.py --raw shards/demo/raw"""
+inputs, one run. Usage (the demo recipe names its models under ${CURATION_MODELS}):
+  CURATION_MODELS=shards/demo/models python bench/bench_curate.py --raw shards/demo/raw"""
 
 from __future__ import annotations
 
@@ -9,24 +10,25 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
 
 from curation import config
+from curation.annotate import StageActor, fuse, read_raw_shards, run_stage_a
 from curation.paths import bundled_pipeline
-from curation.rawshards import iter_samples, list_raw_shards, scan_keys
-from curation.runner import fuse, run_pipeline, run_stage_a, StageActor
+from curation.rawshards import count_samples, list_raw_shards
+from curation.runner import run_pipeline
 
 
 def plain_loop(cfg, shards: list[Path], batch_size: int) -> int:
-    """The baseline: one process, operators built once, batches of the same size."""
-    from curation.rawshards import sample_row
-
+    """The baseline: one process, operators built once, batches of the same size. Rows
+    come from stage A's own reader (sample rows, media validated for the tier), so both
+    sides do the same work per sample; the pipeline also routes and writes its parts."""
     actors = [StageActor(stage) for stage in fuse(cfg.map_ops)]
     n = 0
     for path in shards:
-        rows = [sample_row(path.name, k, f, "bench") for k, f in iter_samples(path)]
+        rows = pa.concat_tables(read_raw_shards({"path": [str(path)], "source": ["bench"]})).to_pandas()
         for start in range(0, len(rows), batch_size):
-            batch = pd.DataFrame(rows[start:start + batch_size])
+            batch = rows.iloc[start:start + batch_size].reset_index(drop=True)
             for actor in actors:
                 batch = actor(batch).to_pandas()
             n += len(batch)
@@ -48,7 +50,7 @@ def main() -> None:
             (raw / f"{i:03d}-{p.name}").symlink_to(p.resolve())
     args.raw = raw
     shards = list_raw_shards(raw)
-    counts = {p.name: len(scan_keys(p)) for p in shards}
+    counts = {p.name: count_samples(p) for p in shards}  # what runner.count_all gives a fresh run
     total = sum(counts.values())
     batch = cfg.map_ops[0].resources.batch_size
 
@@ -63,7 +65,7 @@ def main() -> None:
     ray_start_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        run_stage_a(cfg, shards, counts, Path(tmp) / "_work", source="bench")
+        run_stage_a(cfg, shards, counts, Path(tmp) / "_work" / "annotated", "bench")
         stage_a_s = time.perf_counter() - t
     full_s = None
     if args.repeat == 1:  # repeated shards share uids, which a full run rightly refuses

@@ -25,8 +25,8 @@ from pathlib import Path
 from PIL import Image
 
 from curation import config
-from curation.rawshards import IMAGE_EXTS, iter_samples, list_raw_shards, scan_keys
-from curation.runner import run_stage_a
+from curation.annotate import run_stage_a
+from curation.rawshards import IMAGE_EXTS, count_samples, iter_samples, list_raw_shards
 
 
 def images_in(shards: list[Path]) -> list[tuple[bytes, str]]:
@@ -88,10 +88,10 @@ def pipeline_doc(op: dict) -> dict:
 
 def time_pipeline(doc: dict, shards: list[Path]) -> float:
     cfg = config.parse(doc, "bench")
-    counts = {p.name: len(scan_keys(p)) for p in shards}
+    counts = {p.name: count_samples(p) for p in shards}  # what runner.count_all gives a fresh run
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        run_stage_a(cfg, shards, counts, Path(tmp) / "_work", source="bench")
+        run_stage_a(cfg, shards, counts, Path(tmp) / "_work" / "annotated", "bench")
         return time.perf_counter() - t
 
 
