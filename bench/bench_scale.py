@@ -6,7 +6,8 @@ Generates synthetic raw shards (1,000 image+caption samples per tar, cached unde
 --work so a re-run skips it), then runs `curate run` once per size as a subprocess
 (a fresh OUT each time) while sampling, every --interval seconds:
   driver        the `curate` process (plus its kernel high-water mark, VmHWM)
-  workers       the summed RSS of the Ray worker processes (`ray::...`) under that driver
+  workers       the summed RSS of the Ray worker processes (`ray::...`) under that driver,
+                and the largest one alone (stage B's DuckDB task runs in one)
   Ray system    the summed RSS of raylet, gcs_server and the other Ray daemons it started
   machine       used memory (MemTotal - MemAvailable), peak minus what was used before
 Per stage figures come from OUT/summary.json "stages" (annotate, decide, write: seconds,
@@ -282,6 +283,7 @@ class Sampler:
     def __init__(self, pid: int):
         self.pid = pid
         self.driver = self.driver_hwm = self.workers = self.workers_private = self.ray_sys = 0
+        self.largest_worker = 0  # one process: stage B's DuckDB task shows here
         self.max_workers_seen = 0
         self.base = _machine_used() if HAVE_PROC else None
         self.machine = 0
@@ -302,6 +304,7 @@ class Sampler:
             if _is_worker(pid):
                 n += 1
                 workers += rss
+                self.largest_worker = max(self.largest_worker, rss)
                 statm = (_read(f"/proc/{pid}/statm") or "0 0 0").split()
                 private += max(0, rss - int(statm[2]) * PAGE)
             else:
@@ -401,6 +404,7 @@ def run_once(size: int, raw: Path, raw_bytes: int, out: Path, args) -> dict:
                     "driver_peak_rss": max(sampler.driver, sampler.driver_hwm) if HAVE_PROC else None,
                     "driver_sampled_peak_rss": sampler.driver if HAVE_PROC else None,
                     "workers_peak_rss_sum": sampler.workers if HAVE_PROC else None,
+                    "largest_worker_peak_rss": sampler.largest_worker if HAVE_PROC else None,
                     "workers_peak_private_sum": sampler.workers_private if HAVE_PROC else None,
                     "ray_system_peak_rss": sampler.ray_sys if HAVE_PROC else None,
                     "machine_peak_delta": sampler.machine if sampler.base is not None else None,
@@ -454,7 +458,7 @@ def derive(r: dict) -> dict:
     for stage in ("annotate", "write"):
         read = (stages.get(stage) or {}).get("raw_bytes_read")
         d[f"{stage}_read_ratio"] = read / r["raw_bytes"] if read is not None and r["raw_bytes"] else None
-    for k in ("driver_peak_rss", "workers_peak_rss_sum", "workers_peak_private_sum", "ray_system_peak_rss",
+    for k in ("driver_peak_rss", "workers_peak_rss_sum", "largest_worker_peak_rss", "workers_peak_private_sum", "ray_system_peak_rss",
               "machine_peak_delta", "raw_bytes"):
         d[k] = r.get(k)
     d["run_vs_annotate"] = d["run_per_s"] / d["annotate_per_s"] if d["run_per_s"] and d["annotate_per_s"] else None
@@ -472,7 +476,8 @@ def _mb(v) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ["samples", "wall s", "start-up s", "ms/sample", "ms/sample after start-up", "annotate /s", "decide /s",
-            "write /s", "whole run /s", "driver peak RSS", "workers peak RSS (sum)", "Ray daemons peak RSS",
+            "write /s", "whole run /s", "driver peak RSS", "workers peak RSS (sum)", "largest worker peak RSS",
+            "Ray daemons peak RSS",
             "machine peak (Δ)", "raw bytes", "annotate read / raw", "write read / raw", "kept / dropped / failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in rows:
@@ -485,7 +490,8 @@ def table(rows: list[dict]) -> str:
                  _f(d["ms_per_sample"], "{:.3f}"), _f(d["ms_per_sample_after_startup"], "{:.3f}"),
                  _f(d["annotate_per_s"], "{:,.0f}"), _f(d["decide_per_s"], "{:,.0f}"), _f(d["write_per_s"], "{:,.0f}"),
                  _f(d["run_per_s"], "{:,.0f}"),
-                 _mb(d["driver_peak_rss"]), _mb(d["workers_peak_rss_sum"]), _mb(d["ray_system_peak_rss"]),
+                 _mb(d["driver_peak_rss"]), _mb(d["workers_peak_rss_sum"]), _mb(d.get("largest_worker_peak_rss")),
+                 _mb(d["ray_system_peak_rss"]),
                  _mb(d["machine_peak_delta"]), f"{d['raw_bytes'] / MB:,.0f} MB",
                  _f(d["annotate_read_ratio"], "{:.2f}x"), _f(d["write_read_ratio"], "{:.2f}x"),
                  f"{st.get('kept', 0):,} / {st.get('dropped', 0):,} / {st.get('failed', 0):,}"]

@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder; running again on it resumes")
     r.add_argument("--ray-address", help="Ray cluster address (default: start Ray locally)")
     r.add_argument("--memory-limit", default="512MB", type=_memory_size,
-                   help="memory for stage B's DuckDB on the driver (it spills to OUT/_work beyond it), e.g. 512MB, 4GB")
+                   help="memory for stage B's DuckDB, which runs in one Ray worker (it spills to OUT/_work beyond it), e.g. 512MB, 4GB")
     r.set_defaults(func=cmd_run)
 
     ex = sub.add_parser("export", help="export a tier for another trainer (llava: LLaVA-NeXT conversation JSON + YAML)")

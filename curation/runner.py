@@ -90,6 +90,16 @@ def ray_map_tasks(fn, args: list[tuple], num_cpus: float = 0.5) -> list:
     return ray.get([remote.remote(*a) for a in args])
 
 
+def on_a_worker(fn, *args, **kwargs):
+    """Run `fn` as one Ray task and return its result. Stage B and the final ledger run
+    this way so that DuckDB's working memory (up to `--memory-limit`, plus its spill)
+    lives in a worker process that exits with the task, never in the driver; a worker
+    lost mid-task is retried by Ray (the stage starts over from its inputs)."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=1, max_retries=2)(fn).remote(*args, **kwargs))
+
+
 def run_pipeline(cfg: PipelineConfig, raw_dir: str | Path, out: str | Path, ray_address: str | None = None,
                  memory_limit: str = stage_b.DEFAULT_MEMORY_LIMIT) -> dict:
     """Run (or resume) the curation job; returns the summary also written to summary.json.
@@ -131,16 +141,16 @@ def _run(cfg: PipelineConfig, raw_dir: Path, out: Path, ray_address: str | None,
     decision = stage_b.load_decision(work / "decide")
     if decision is None:
         files = [f for p in shards for f in parts[p.name]]
-        decision = stage_b.decide(cfg, files, [p.name for p in shards], work, binary_columns=BINARY_COLUMNS,
-                                  memory_limit=memory_limit, map_tasks=ray_map_tasks)
+        decision = on_a_worker(stage_b.decide, cfg, files, [p.name for p in shards], work, binary_columns=BINARY_COLUMNS,
+                               memory_limit=memory_limit, map_tasks=ray_map_tasks)
     stage_b.check_accounting(decision.counts, n_raw)
     t_b = time.time()
     from .tiers.build import build_tiers
 
     manifests, raw_read_c = build_tiers(cfg, decision, shards, parts, out, work, source=raw_dir.name)
     t_c = time.time()
-    n_ledger = stage_b.finalize_ledger(decision.ledger, sorted(raw_dir.glob(CRAWL_LEDGER_GLOB)), out / "ledger.parquet",
-                                       memory_limit=memory_limit)
+    n_ledger = on_a_worker(stage_b.finalize_ledger, decision.ledger, sorted(raw_dir.glob(CRAWL_LEDGER_GLOB)),
+                           out / "ledger.parquet", memory_limit=memory_limit)
     t_end = time.time()
 
     summary = {
