@@ -97,13 +97,19 @@ def cmd_run(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .tiers.export import export_llava
+    from .tiers.export import export
 
-    result = export_llava(args.root, args.tier, args.out, sampling_strategy=args.sampling_strategy)
-    print(f"exported {result['records']} samples ({result['files']} media files) of tier {args.tier}")
-    print(f"  conversations: {result['json']}")
-    print(f"  data yaml:     {result['yaml']}")
-    print(f"  image_folder:  {Path(args.out) / 'images'}   video_folder: {Path(args.out) / 'videos'}")
+    result = export(args.format, args.root, args.out, tier=args.tier, stage=args.stage, pipeline=args.pipeline,
+                    sampling_strategy=args.sampling_strategy)
+    what = f"tier {args.tier}" if args.tier else f"stage {args.stage}"
+    print(f"exported {result['records']} samples ({result['files']} media files) of {what} as {args.format}")
+    for label, path in result["outputs"].items():
+        print(f"  {label + ':':<22} {path}")
+    print(f"  load with: {result['use']}")
+    for reason, n in result["left_out"].items():
+        print(f"left out {n} sample(s): {reason}", file=sys.stderr)
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     skipped = result.get("skipped") or []
     if skipped:  # names from data that would leave --out, or samples that do not add up: never written
         print(f"skipped {len(skipped)} sample(s) or shard(s), nothing of them written:", file=sys.stderr)
@@ -268,12 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for stage B's DuckDB, which runs in one Ray worker (it spills to OUT/_work beyond it), e.g. 512MB, 4GB")
     r.set_defaults(func=cmd_run)
 
-    ex = sub.add_parser("export", help="export a tier for another trainer (llava: LLaVA-NeXT conversation JSON + YAML)")
-    ex.add_argument("format", choices=["llava"])
+    ex = sub.add_parser("export", help="export a tier or a training stage for another trainer "
+                                       "(llava, sharegpt, messages, cauldron; see README, Exports)")
+    from .tiers.export import FORMATS  # names only: the writers load when one runs
+
+    ex.add_argument("format", choices=list(FORMATS),
+                    help="llava: LLaVA-NeXT JSON + data YAML; sharegpt: LLaMA-Factory JSONL + dataset_info.json; "
+                         "messages: chat messages + images (datasets ImageFolder, TRL); cauldron: nanoVLM parquet")
     ex.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
-    ex.add_argument("--tier", required=True)
-    ex.add_argument("--out", required=True, help="folder for the JSON, YAML and media")
-    ex.add_argument("--sampling-strategy", default="all", help="written into the YAML (all, first:N, end:N, random:N)")
+    which = ex.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tier", help="export this tier, whole")
+    which.add_argument("--stage", help="export this training stage's mix of tiers (the pipeline's stages:)")
+    ex.add_argument("--out", required=True, help="folder for the data files and media (every path in them is relative)")
+    ex.add_argument("--pipeline", help="with --stage: pipeline YAML with the stages (default: the one that made the output)")
+    ex.add_argument("--sampling-strategy", help="llava --tier: written into the YAML (all, first:N, end:N, random:N)")
     ex.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plan", help="resolve the pipeline's training stages over an output; print the token bill")

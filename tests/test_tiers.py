@@ -106,37 +106,6 @@ def test_plan_on_the_demo(demo_out, tmp_path):
     assert ov["documents"]["visual_tokens"] == 729 * ov["documents"]["images"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tier", ["alignment", "documents", "video"])
-def test_llava_export_round_trips(demo_out, tmp_path, tier):
-    import av
-    import yaml
-    from PIL import Image
-
-    out = tmp_path / "llava"
-    curate("export", "llava", "--root", demo_out, "--tier", tier, "--out", out, "--sampling-strategy", "random:50%")
-    records = json.loads((out / f"{tier}.json").read_text())
-    manifest = json.loads((demo_out / "curated" / "tiers" / tier / "manifest.json").read_text())
-    assert len(records) == manifest["num_samples"] and len({r["id"] for r in records}) == len(records)
-    data_yaml = yaml.safe_load((out / f"{tier}.yaml").read_text())
-    assert data_yaml["datasets"] == [{"json_path": str((out / f"{tier}.json").resolve()), "sampling_strategy": "random:50%"}]
-    for r in records:
-        turns = r["conversations"]
-        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and turns[-1]["value"]
-        placeholders = sum(t["value"].count("<image>") for t in turns if t["from"] == "human")
-        if "video" in r:
-            assert placeholders == 1
-            with av.open(str(out / "videos" / r["video"])) as container:
-                assert next(container.decode(video=0)).width > 0
-        else:
-            images = [r["image"]] if isinstance(r["image"], str) else r["image"]
-            assert placeholders == len(images) >= 1  # every <image> has its image, and back
-            for rel in images:
-                assert Image.open(out / "images" / rel).size[0] > 0
-    if tier == "alignment":  # the demo's question/answer pairs became multi-turn conversations
-        assert any(len(r["conversations"]) > 2 for r in records)
-
-
 def test_actor_pools_always_fit_the_cluster():
     from curation.errors import CurationError
     from curation.ops.base import Resources
