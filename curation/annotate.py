@@ -174,7 +174,7 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     """Annotate every raw shard not yet committed. Returns the raw bytes it read."""
     import ray.data
 
-    from .runtime.ray_env import READ_TASK_CPUS, cluster_cpus, cluster_gpus, node_cpus, plan_pools
+    from .runtime.ray_env import cluster_cpus, cluster_gpus, node_cpus, plan_pools
 
     annotated.mkdir(parents=True, exist_ok=True)
     todo = [p for p in shards if not marker_path(annotated, p).exists()]
@@ -186,22 +186,26 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     if not todo:
         return 0
     ds = ray.data.from_items([{"path": str(p), "source": source} for p in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(read_raw_shards, batch_size=1, num_cpus=READ_TASK_CPUS)
+    nodes = node_cpus()
+    # Readers claim no CPU: the fixed-size pools may take every CPU (e.g. a dead node's
+    # actors restarted on the survivors), and a reader waiting for CPU would hang the job.
+    # No more readers than nodes, so that reads stay bounded in memory.
+    ds = ds.map_batches(read_raw_shards, batch_size=1, num_cpus=0, concurrency=max(1, sum(c > 0 for c in nodes)))
     stages = fuse(cfg.map_ops)
     gpus = cluster_gpus()
     # A model operator's GPU share applies where there are GPUs; elsewhere it runs on CPU.
     import dataclasses
 
     wanted = [s[0].resources if gpus else dataclasses.replace(s[0].resources, num_gpus=0) for s in stages]
-    pools = plan_pools(wanted, cluster_cpus(), gpus, heavy=[not s[0].cls.fusable for s in stages], nodes=node_cpus())
+    pools = plan_pools(wanted, cluster_cpus(), gpus, heavy=[not s[0].cls.fusable for s in stages], nodes=nodes)
     for stage, res, (size, num_cpus) in zip(stages, wanted, pools):
         ds = ds.map_batches(
             StageActor, fn_constructor_kwargs={"specs": stage}, batch_format="pandas",
             batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=num_cpus, num_gpus=res.num_gpus,
         )
-    # num_cpus=0: the pools are planned to leave room for the read task only; a part writer
-    # that waited for CPU would stall stage A behind reads piling up in the object store.
+    # num_cpus=0 too: a part writer that waited for CPU would stall stage A behind reads
+    # piling up in the object store.
     ds = ds.map_batches(write_parts, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=0,
                         fn_kwargs={"parts_root": str(annotated), "tiers": cfg.tiers, "seed": cfg.seed})
 

@@ -210,9 +210,6 @@ def kill_node(node: subprocess.Popen) -> None:
     psutil.wait_procs(descendants, timeout=30)
 
 
-@pytest.mark.skip(reason="known hang (issue 11, open): after the node dies, Ray restarts its stage-A actors on the head, "
-                         "the fixed-size pool takes all its CPU and the read task (0.25 CPU) never schedules; fix proposed "
-                         "in the session note (readers at num_cpus=0, one per node); remove this mark with the fix")
 def test_losing_the_worker_node_mid_run_loses_nothing(bare_python, tmp_path):
     """The worker node dies (SIGKILL, all its processes) while stage A's pool has actors
     on it: Ray restarts them on the head and retries the lost tasks, the job finishes on

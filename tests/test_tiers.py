@@ -109,32 +109,32 @@ def test_plan_on_the_demo(demo_out, tmp_path):
 def test_actor_pools_always_fit_the_cluster():
     from curation.errors import CurationError
     from curation.ops.base import Resources
-    from curation.runtime.ray_env import READ_TASK_CPUS, plan_pools
+    from curation.runtime.ray_env import plan_pools
 
     def fits(pools, cpus):
-        return sum(n * c for n, c in pools) <= cpus - READ_TASK_CPUS + 1e-9 and min(n for n, _ in pools) >= 1
+        return sum(n * c for n, c in pools) <= cpus + 1e-9 and min(n for n, _ in pools) >= 1
 
     three = [Resources(num_cpus=0.5)] * 3  # the case that used to hang on 2 CPUs
     assert fits(plan_pools(three, cpus=2, gpus=0), 2)
-    assert plan_pools([Resources(num_cpus=0.5)], cpus=16, gpus=0) == [(31, 0.5)]
+    assert plan_pools([Resources(num_cpus=0.5)], cpus=16, gpus=0) == [(32, 0.5)]
     # a shape like the demo's on 2 CPUs: fused CPU ops, OCR (a model), language (cheap)
     demo = [Resources(num_cpus=0.5), Resources(num_cpus=0.5), Resources(num_cpus=0.25)]
-    assert [n for n, _ in plan_pools(demo, cpus=2, gpus=0, heavy=[False, True, False])] == [1, 2, 1]
+    assert [n for n, _ in plan_pools(demo, cpus=2, gpus=0, heavy=[False, True, False])] == [1, 2, 2]
     assert plan_pools([Resources(num_cpus=0.25), Resources(num_cpus=1, num_gpus=0.5)], cpus=8, gpus=2)[1] == (4, 1)
     # more model stages than a laptop's CPUs: shares shrink to fit, every stage still starts
     seven = [Resources(num_cpus=0.5)] * 7
     pools = plan_pools(seven, cpus=2, gpus=0, heavy=[True] * 7)
     assert fits(pools, 2) and all(n == 1 and c == pools[0][1] < 0.5 for n, c in pools)
-    # the demo's stages: scaled shares plus one reader must not exceed the CPUs, even by
-    # a rounding error (Ray would never place the reader, and the job would wait forever)
+    # the demo's stages: scaled shares must not exceed the CPUs, even by a rounding error
+    # (Ray would never place the last actor, and the job would wait forever)
     mixed = [Resources(num_cpus=c) for c in (0.5, 0.5, 0.5, 0.25, 0.25, 0.5, 0.25)]
     pools = plan_pools(mixed, cpus=2, gpus=0, heavy=[False, True, True, True, True, True, False])
-    assert sum(n * c for n, c in pools) + READ_TASK_CPUS <= 2
+    assert sum(n * c for n, c in pools) <= 2
     # two 1-CPU nodes (the cluster test): every actor must fit whole on one node
     from curation.runtime.ray_env import _packs
 
     pools = plan_pools(mixed, cpus=2, gpus=0, heavy=[False, True, True, True, True, True, False], nodes=[1.0, 1.0])
-    assert _packs([c for n, c in pools for _ in range(n)] + [READ_TASK_CPUS], [1.0, 1.0])
+    assert _packs([c for n, c in pools for _ in range(n)], [1.0, 1.0])
     assert not _packs([0.6, 0.6, 0.6], [1.0, 1.0])
     with pytest.raises(CurationError, match="need 3 CPUs at once"):
         plan_pools([Resources(num_cpus=1, concurrency=3)], cpus=2, gpus=0)

@@ -43,8 +43,8 @@ def describe_error(exc: BaseException) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    """What one actor of a MapOp needs. On CPU-only nodes keep num_cpus fractional so
-    the Ray Data read tasks are never starved (a 2-CPU pool that takes every CPU hangs)."""
+    """What one actor of a MapOp needs. On CPU-only nodes keep num_cpus fractional, so
+    that every stage's pool fits on a small machine beside the others."""
 
     num_cpus: float = 0.5
     num_gpus: float = 0.0

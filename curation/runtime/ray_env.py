@@ -76,15 +76,16 @@ def node_cpus() -> list[float]:
     return [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
 
 
-READ_TASK_CPUS = 0.25  # what a raw-shard read task asks for
+READ_TASK_CPUS = 0.25  # what a stage C read task asks for (stage A's readers claim none)
 
 
 def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None = None,
                nodes: list[float] | None = None) -> list[tuple[int, float]]:
-    """(actors, CPUs per actor) for each stage, so that every pool can be placed at once
-    with room left for a read task. Ray Data actor pools are fixed-size: a pool that
-    cannot be placed never starts and the whole job waits for it forever (on 2 CPUs,
-    three stages of two half-CPU actors plus the readers is exactly that).
+    """(actors, CPUs per actor) for each stage, so that every pool can be placed at once.
+    Ray Data actor pools are fixed-size: a pool that cannot be placed never starts and
+    the whole job waits for it forever (three stages of two half-CPU actors on 2 CPUs is
+    exactly that). Stage A's readers and part writers claim no CPU, so the pools may
+    take all of it.
 
     Every stage gets one actor. If the stages' CPU shares do not fit together (many
     model stages on a laptop), the shares of the stages without an explicit
@@ -93,10 +94,10 @@ def plan_pools(stages: list, cpus: float, gpus: float, heavy: list[bool] | None 
     the `heavy` (model) stages first, one actor at a time. With `nodes` (CPUs per node),
     the plan must also pack onto the nodes, each actor whole on one node (two 1-CPU
     nodes cannot hold three 0.6-CPU actors); if it does not, the budget shrinks until it does."""
-    budget = cpus - READ_TASK_CPUS
+    budget = cpus
     for _ in range(40):
         pools = _fit(stages, budget, cpus, gpus, heavy or [False] * len(stages))
-        actors = [c for n, c in pools for _ in range(n)] + [READ_TASK_CPUS]
+        actors = [c for n, c in pools for _ in range(n)]
         if nodes is None or _packs(actors, nodes):
             return pools
         budget *= 0.9
@@ -125,9 +126,9 @@ def _fit(stages: list, budget: float, cpus: float, gpus: float, heavy: list[bool
     if fixed + wanted > budget + 1e-9:
         if fixed >= budget or wanted == 0:
             raise CurationError(f"the pipeline's actor stages need {fixed + wanted:g} CPUs at once but the cluster has "
-                                f"{cpus:g} (minus {READ_TASK_CPUS} for reading): lower their num_cpus or concurrency")
+                                f"{cpus:g}: lower their num_cpus or concurrency")
         factor = (budget - fixed) / wanted
-        for i in scalable:  # rounded down: a share rounded up would leave no room for a reader
+        for i in scalable:  # rounded down: shares rounded up could exceed the CPUs, and a pool would never start
             share[i] = math.floor(share[i] * factor * 1e4) / 1e4
     sizes = []
     for r in stages:
