@@ -9,8 +9,11 @@
   with PyAV (duration, fps, resolution, codec, frames; the first frame is decoded to
   prove the file plays) and stored whole.
 
-* A malformed document (items not a list, an item not an object, texts/images not
-  parallel lists) is dropped as `bad_document` with the reason; the crawl goes on.
+* Document formats (items, MMC4, OBELICS) are read by documents.py. A malformed
+  document is dropped as `bad_document` with what is wrong, one over the caps as
+  `document_too_large`; the crawl goes on. What a document carries besides its items
+  (document url, per-image metadata) goes into the sample json's `meta`, which curation
+  keeps as `source_meta`.
 
 Samples stream into the shard being written as they arrive (in input order), so the
 crawler holds about 2 x threads samples, not a shard. A shard closes at
@@ -25,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import tarfile
 from collections import deque
@@ -37,111 +39,14 @@ import pandas as pd
 
 from ..errors import InputError
 from ..fsutil import atomic_write_parquet, atomic_write_text
-from ..ids import make_uid
 from ..wds import _tarinfo
+from .documents import SAMPLE_CAPS, read_documents
 from .fetch import FetchPolicy, fetch
 from .guard import url_problem
 from .rounds import crawl_in_rounds
-from .sources import read_jsonl, read_url_list
+from .sources import read_url_list
 
 GiB = 1 << 30
-
-
-# --------------------------------------------------------------------------- inputs
-class _BadDocument(ValueError):
-    """One document is malformed: it is dropped as bad_document, the crawl goes on."""
-
-
-def _is_list(value) -> bool:
-    return isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, (str, bytes)))
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _normalise_items(row: dict) -> list[dict]:
-    """Either `items: [{type: text|image, text|url}]` or OBELICS' parallel `texts`/`images`.
-    Raises _BadDocument for a row whose structure is wrong (items not a list, an item
-    not an object or of an unknown type, texts/images not lists of the same length, a
-    text that is not a string). An image url that is not a fetchable url is not a
-    structural problem: that image is missing (bad_url), like one that fails to download."""
-    items = row.get("items")
-    if not _missing(items):
-        if not _is_list(items):
-            raise _BadDocument(f"'items' is a {type(items).__name__}, not a list")
-        out = []
-        for n, it in enumerate(list(items)):
-            if not isinstance(it, dict):
-                raise _BadDocument(f"item {n} is a {type(it).__name__}, not an object")
-            kind = it.get("type")
-            if kind == "image":
-                out.append({"type": "image", "url": it.get("url")})
-            elif kind == "text":
-                text = it.get("text")
-                if not _missing(text) and not isinstance(text, str):
-                    raise _BadDocument(f"item {n}: text is a {type(text).__name__}, not a string")
-                out.append({"type": "text", "text": text if isinstance(text, str) else ""})
-            else:
-                raise _BadDocument(f"item {n} has type {str(kind)[:50]!r} (expected 'text' or 'image')")
-        return out
-    texts, images = row.get("texts"), row.get("images")
-    if _missing(texts) or _missing(images):
-        raise _BadDocument("a document needs 'items' or both 'texts' and 'images'")
-    for name, value in (("texts", texts), ("images", images)):
-        if not _is_list(value):
-            raise _BadDocument(f"'{name}' is a {type(value).__name__}, not a list")
-    texts, images = list(texts), list(images)
-    if len(texts) != len(images):
-        raise _BadDocument(f"'texts' has {len(texts)} entries, 'images' {len(images)} (they run in parallel)")
-    out = []
-    for n, (text, image) in enumerate(zip(texts, images)):
-        if not _missing(image):
-            out.append({"type": "image", "url": image})
-        elif not _missing(text):
-            if not isinstance(text, str):
-                raise _BadDocument(f"texts[{n}] is a {type(text).__name__}, not a string")
-            if text:
-                out.append({"type": "text", "text": text})
-    return out
-
-
-def read_documents(path: str | Path, source: str | None = None) -> pd.DataFrame:
-    """Columns: uid, position, source, url (the document's own url, if any), caption (its
-    text, for the ledger), doc (JSON items; None for a malformed document), problem (why
-    it is malformed, else None), meta."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"document list not found: {path}")
-    if path.suffix.lower() == ".parquet":
-        try:
-            df = pd.read_parquet(path)
-        except Exception as exc:
-            raise InputError(f"cannot read document list {path}: {type(exc).__name__}: {exc}") from None
-    else:
-        df = read_jsonl(path, "document list")
-    if len(df) == 0:
-        raise InputError(f"document list {path} has no rows")
-    if "items" not in df.columns and not {"texts", "images"} <= set(df.columns):
-        raise InputError(f"document list {path}: a document needs 'items' or both 'texts' and 'images'; "
-                         f"columns are {[str(c) for c in df.columns]}")
-    source = source or path.stem
-    rows = []
-    for position, rec in enumerate(df.to_dict(orient="records")):
-        url = rec.get("url") if isinstance(rec.get("url"), str) else None
-        try:
-            items = _normalise_items(rec)
-        except _BadDocument as exc:
-            rows.append({"uid": make_uid(source, position), "position": position, "source": source, "url": url,
-                         "caption": None, "doc": None, "problem": str(exc), "meta": None})
-            continue
-        doc_id = next((rec[k] for k in ("doc_id", "id") if not _missing(rec.get(k)) and rec.get(k) != ""), None)
-        rows.append({"uid": make_uid(source, position), "position": position, "source": source, "url": url,
-                     "caption": "\n".join(i["text"] for i in items if i["type"] == "text"),
-                     "doc": json.dumps({"doc_id": None if doc_id is None else str(doc_id), "items": items},
-                                       default=str),
-                     "problem": None, "meta": None})
-    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- fetching
@@ -152,12 +57,25 @@ def _image_ext(data: bytes) -> str:
     return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(fmt, "jpg")
 
 
+def _too_large(error: str) -> dict:
+    return {"status": "dropped", "reason": "document_too_large", "error": error, "transient": False}
+
+
 def fetch_document(row: dict, policy: FetchPolicy, require_images: str = "all") -> dict:
     doc = json.loads(row["doc"])
     image_urls = [it["url"] for it in doc["items"] if it["type"] == "image"]
     if not image_urls:
         return {"status": "dropped", "reason": "no_images", "error": None, "transient": False}
-    outcomes = [fetch(u, "image", policy) if url_problem(u) is None else None for u in image_urls]
+    # The whole sample must fit what curation reads of one raw sample: stop fetching
+    # once the images alone are over it, instead of holding them all first.
+    outcomes, fetched_bytes = [], 0
+    for u in image_urls:
+        o = fetch(u, "image", policy) if url_problem(u) is None else None
+        outcomes.append(o)
+        fetched_bytes += len(o.data) if o is not None and o.status == "kept" else 0
+        if fetched_bytes > SAMPLE_CAPS.max_sample_bytes:
+            return _too_large(f"its images are over {SAMPLE_CAPS.max_sample_bytes} bytes after {len(outcomes)} "
+                              f"of {len(image_urls)}")
     arrived = [o for o in outcomes if o is not None and o.status == "kept"]
     missing = [u for u, o in zip(image_urls, outcomes) if o is None or o.status != "kept"]
     enough = not missing if require_images == "all" else bool(arrived)
@@ -178,10 +96,18 @@ def fetch_document(row: dict, policy: FetchPolicy, require_images: str = "all") 
     member_iter = iter(members)
     items = [({**it, "member": next(member_iter)} if it["type"] == "image" else it) for it in doc["items"]]
     meta = {"uid": row["uid"], "kind": "interleaved", "source": row["source"], "url": row.get("url"),
-            "doc_id": doc["doc_id"], "items": items, "missing_images": missing,
+            "doc_id": doc["doc_id"], "items": items, "missing_images": missing, "meta": row.get("meta"),
             "sha256": hashlib.sha256(b"".join(hashlib.sha256(d).digest() for _, d in files)).hexdigest()}
-    return {"status": "kept", "reason": None, "error": None, "transient": False, "files": files,
-            "text": row.get("caption") or "", "meta": meta}
+    res = {"status": "kept", "reason": None, "error": None, "transient": False, "files": files,
+           "text": row.get("caption") or "", "meta": meta}
+    sizes = {ext: len(data) for ext, data in sample_members(res)}
+    if sizes["json"] > SAMPLE_CAPS.max_json_bytes:
+        return _too_large(f"its json is {sizes['json']} bytes (at most {SAMPLE_CAPS.max_json_bytes})")
+    if sizes["txt"] > SAMPLE_CAPS.max_text_bytes:
+        return _too_large(f"its text is {sizes['txt']} bytes (at most {SAMPLE_CAPS.max_text_bytes})")
+    if sum(sizes.values()) > SAMPLE_CAPS.max_sample_bytes:
+        return _too_large(f"the sample is {sum(sizes.values())} bytes (at most {SAMPLE_CAPS.max_sample_bytes})")
+    return res
 
 
 def probe_video(data: bytes) -> dict:
@@ -379,7 +305,7 @@ def crawl_media(kind: str, input_path: str | Path, out_dir: str | Path, *, url_c
     if kind == "interleaved":
         items = read_documents(input_path, source)
         valid = items["problem"].isna()
-        refusals = pd.DataFrame({"reason": "bad_document", "error": items["problem"]}, index=items.index)
+        refusals = pd.DataFrame({"reason": items["problem_reason"], "error": items["problem"]}, index=items.index)
         fetch_one = lambda row: fetch_document(row, policy, require_images)  # noqa: E731
     elif kind == "video":
         items = read_url_list(input_path, url_col=url_col, caption_col=caption_col, source=source)
