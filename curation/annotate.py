@@ -14,8 +14,12 @@ point loses or duplicates nothing.
 from __future__ import annotations
 
 import json
+import os
+import queue
 import shutil
 import sys
+import threading
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -39,10 +43,13 @@ BINARY_COLUMNS = ("image_bytes", EMBEDDING_COLUMN)
 MEDIA_COLUMNS = ("image_format", "source_format", "conversion")
 READ_BLOCK_ROWS = 64  # rows per block out of a raw shard: enough blocks to keep every actor busy
 PART_ROWS = 1024  # rows per part file a worker writes (parts never mix raw shards)
+# After a node loss, how long stage A may return nothing before it is planned again for
+# the nodes that remain (a model stage's batch can take minutes on a slow CPU node).
+STALL_SECONDS = float(os.environ.get("CURATION_STALL_SECONDS", "300"))
 
 
-def stage_schema(columns: list[str]) -> pa.Schema:
-    sidecar = schemas.arrow_schema("sidecar")
+def stage_schema(columns: list[str], declared: schemas.Declared = ()) -> pa.Schema:
+    sidecar = schemas.arrow_schema("sidecar", declared)
     fields = []
     for col in columns:
         if col in BINARY_COLUMNS:
@@ -200,17 +207,18 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     pools = plan_pools(wanted, cluster_cpus(), gpus, heavy=[not s[0].cls.fusable for s in stages], nodes=nodes)
     for stage, res, (size, num_cpus) in zip(stages, wanted, pools):
         ds = ds.map_batches(
-            StageActor, fn_constructor_kwargs={"specs": stage}, batch_format="pandas",
+            StageActor, fn_constructor_kwargs={"specs": stage, "declared": cfg.declared_columns}, batch_format="pandas",
             batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=num_cpus, num_gpus=res.num_gpus,
         )
     # num_cpus=0 too: a part writer that waited for CPU would stall stage A behind reads
     # piling up in the object store.
     ds = ds.map_batches(write_parts, batch_format="pyarrow", batch_size=PART_ROWS, num_cpus=0,
-                        fn_kwargs={"parts_root": str(annotated), "tiers": cfg.tiers, "seed": cfg.seed})
+                        fn_kwargs={"parts_root": str(annotated), "tiers": cfg.tiers, "seed": cfg.seed,
+                                   "declared": cfg.declared_columns})
 
     with progress_bar(sum(counts[p.name] for p in todo), "curate") as bar:
-        _collect(ds, counts, annotated, bar)
+        _collect(ds, counts, annotated, bar, planned_cpus=sum(nodes), cpus_now=lambda: sum(node_cpus()))
     missing = [p.name for p in todo if not marker_path(annotated, p).exists()]
     if missing:
         raise AccountingError(f"samples missing after stage A for raw shards {missing[:5]}")
@@ -222,12 +230,69 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     return sum(p.stat().st_size for p in todo)
 
 
-def _collect(ds, counts: dict[str, int], annotated: Path, bar) -> None:
+class ClusterShrank(Exception):
+    """Stage A made no progress for a while after the cluster lost CPUs: the actors of a
+    lost node may be waiting for CPU that the fixed-size pools on the survivors hold. The
+    runner starts stage A again, planned for the nodes that remain; committed raw shards
+    are kept."""
+
+
+def _results(ds, stop: threading.Event, out: queue.Queue) -> None:
+    """Thread body: stage A's result batches into `out`, then ("end", None) or ("error", exc)."""
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if not put(("batch", batch)):
+                return
+        put(("end", None))
+    except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread as is
+        put(("error", exc))
+
+
+def _batches(ds, planned_cpus: float, cpus_now, stall_s: float) -> Iterator[pa.Table]:
+    """Stage A's result batches. A node lost mid-run is survivable while the pools still
+    progress; if the cluster has fewer CPUs than planned and nothing arrived for
+    `stall_s` seconds, raise ClusterShrank instead of waiting forever."""
+    stop, out = threading.Event(), queue.Queue(maxsize=4)
+    thread = threading.Thread(target=_results, args=(ds, stop, out), daemon=True, name="stage-a-results")
+    thread.start()
+    last = time.monotonic()
+    try:
+        while True:
+            try:
+                kind, item = out.get(timeout=min(5.0, stall_s / 4))
+            except queue.Empty:
+                if time.monotonic() - last >= stall_s:
+                    now = cpus_now()
+                    if now < planned_cpus - 1e-9:
+                        raise ClusterShrank(f"the cluster has {now:g} of the {planned_cpus:g} CPUs stage A was planned "
+                                            f"for, and no rows came back for {stall_s:g} s") from None
+                continue
+            last = time.monotonic()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _collect(ds, counts: dict[str, int], annotated: Path, bar, planned_cpus: float = 0.0, cpus_now=None,
+             stall_s: float = STALL_SECONDS) -> None:
     """The driver's whole share of stage A: count acknowledged rows per raw shard and
     commit a shard once all of its samples are in parts."""
     acked: dict[str, list[str]] = defaultdict(list)
     got: dict[str, int] = defaultdict(int)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in _batches(ds, planned_cpus, cpus_now or (lambda: planned_cpus), stall_s):
         for name, part, n in zip(*(batch.column(c).to_pylist() for c in ("raw_shard", "part", "rows"))):
             acked[name].append(part)
             got[name] += n

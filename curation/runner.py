@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from . import decide as stage_b
-from .annotate import BINARY_COLUMNS, committed_parts, run_stage_a
+from .annotate import BINARY_COLUMNS, ClusterShrank, committed_parts, run_stage_a
 from .config import PipelineConfig
 from .crawl import CRAWL_LEDGER_GLOB
 from .errors import NO_SPACE_ERRNOS, ConfigError, CurationError, DiskFullError, InputError, curation_error_in
@@ -100,6 +100,35 @@ def on_a_worker(fn, *args, **kwargs):
     return ray.get(ray.remote(num_cpus=1, max_retries=2)(fn).remote(*args, **kwargs))
 
 
+MAX_REPLANS = 3  # stage A started again after losing nodes, before giving up
+
+
+def with_replans(attempt, restart, max_replans: int = MAX_REPLANS):
+    """`attempt()`, started again (after `restart()`) each time it raises ClusterShrank:
+    a lost node can leave a pool's restarted actors waiting forever for CPU that the
+    other pools hold, so stage A is planned again for what remains. Committed raw shards
+    are kept, so each attempt does only what is left."""
+    for n in range(max_replans + 1):
+        try:
+            return attempt()
+        except ClusterShrank as exc:
+            if n == max_replans:
+                raise CurationError(f"stage A: {exc}; gave up after {max_replans} new plans (re-run to resume)") from None
+            print(f"stage A: {exc}; planning it again for the nodes that remain (committed shards are kept)",
+                  file=sys.stderr, flush=True)
+            restart()
+
+
+def _restart_ray(address: str | None) -> None:
+    """Disconnect (the job's actors and tasks end with it) and connect again as a new job."""
+    import ray
+
+    from .runtime.ray_env import start_ray
+
+    ray.shutdown()
+    start_ray(address)
+
+
 def run_pipeline(cfg: PipelineConfig, raw_dir: str | Path, out: str | Path, ray_address: str | None = None,
                  memory_limit: str = stage_b.DEFAULT_MEMORY_LIMIT) -> dict:
     """Run (or resume) the curation job; returns the summary also written to summary.json.
@@ -135,7 +164,8 @@ def _run(cfg: PipelineConfig, raw_dir: Path, out: Path, ray_address: str | None,
     n_raw = sum(counts.values())
     if not n_raw:
         raise InputError(f"the raw shards in {raw_dir} hold no samples")
-    raw_read_a = run_stage_a(cfg, shards, counts, annotated, source=raw_dir.name)
+    raw_read_a = with_replans(lambda: run_stage_a(cfg, shards, counts, annotated, source=raw_dir.name),
+                              lambda: _restart_ray(ray_address))
     t_a = time.time()
     parts = {p.name: committed_parts(annotated, p) for p in shards}
     decision = stage_b.load_decision(work / "decide")

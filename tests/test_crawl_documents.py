@@ -201,7 +201,9 @@ def test_mmc4_crawl_end_to_end(tmp_path):
 
     rows = [row for row, _ in read_shard(tar_path, "mmc4")]
     assert [r["status"] for r in rows] == ["kept", "kept"] and [r["url"] for r in rows] == ledger["url"][:2].tolist()
-    sidecar = pd.DataFrame({"uid": [r["uid"] for r in rows], "source_meta": [r["source_meta"] for r in rows]})
+    # DuckDB reads `sidecar` by name, as curate query reads the sidecars' source_meta
+    sidecar = pd.DataFrame({"uid": [r["uid"] for r in rows],  # noqa: F841
+                            "source_meta": [r["source_meta"] for r in rows]})
     found = duckdb.sql("""SELECT json_extract_string(source_meta, '$.doc_url') AS doc_url,
                                  CAST(json_extract(source_meta, '$.images[1].matched_sim') AS DOUBLE) AS sim,
                                  CAST(json_extract(source_meta, '$.images[1].matched_text_index') AS INT) AS sentence,

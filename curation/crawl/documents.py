@@ -216,7 +216,8 @@ def _items_format(rec: dict) -> tuple[list[dict], dict]:
 
 
 def _mmc4_format(rec: dict, omitted: list[str]) -> tuple[list[dict], dict]:
-    texts = [_text(t, f"text_list[{n}]") for n, t in enumerate(_list(rec, "text_list", MAX_DOCUMENT_ITEMS, "sentences"))]
+    sentences = _list(rec, "text_list", MAX_DOCUMENT_ITEMS, "sentences")
+    texts = [_text(t, f"text_list[{n}]") for n, t in enumerate(sentences)]
     infos = _list(rec, "image_info", MAX_DOCUMENT_IMAGES, "images")
     placed: dict[int, list[int]] = {}  # sentence index -> images after it, in image_info order
     for n, info in enumerate(infos):
@@ -336,9 +337,11 @@ def read_documents(path: str | Path, source: str | None = None) -> pd.DataFrame:
             if size > MAX_DOCUMENT_JSON_BYTES:
                 raise BadDocument(f"the document is {size} bytes of JSON (at most {MAX_DOCUMENT_JSON_BYTES})",
                                   "document_too_large")
-        except BadDocument as exc:
+        except Exception as exc:  # noqa: BLE001 - a document no check foresaw is refused, not the whole list
+            reason, error = ((exc.reason, str(exc)) if isinstance(exc, BadDocument)
+                             else ("bad_document", f"unreadable document: {type(exc).__name__}: {exc}"))
             rows.append({**row, "url": _doc_url(rec.get("url")), "caption": None, "doc": None, "meta": None,
-                         "problem_reason": exc.reason, "problem": str(exc)[:2000]})
+                         "problem_reason": reason, "problem": error[:2000]})
             continue
         rows.append({**row, "url": doc.url, "caption": doc.text, "doc": doc_json, "meta": meta_json,
                      "problem_reason": None, "problem": None})
