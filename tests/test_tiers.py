@@ -181,3 +181,19 @@ def test_llava_onevision_plan_bills_every_stage(onevision_out):
     assert onevision["stage2_onevision"]["frames"] > 0  # video frames billed at 196 tokens
     assert 0 < onevision["stage2_single_image"]["samples"] < plan["stages"][2]["mix"][0]["samples"]  # a 30% replay
     assert "stage2_onevision" in proc.stdout and "visual tok" in proc.stdout
+
+
+def test_the_token_bill_counts_what_a_trainer_reads():
+    import json
+
+    from curation.tiers.plan import sample_text_tokens
+    from curation.tokens import text_tokens
+
+    caption = "a red square on a blue field"
+    qa = [{"q": "What colour is the square?", "a": "red"}]
+    crawl_meta = {"doc_url": "https://example.org/" + "x" * 400, "images": [{"raw_url": "u" * 300, "matched_sim": 0.3}]}
+    bare = sample_text_tokens(caption, None)
+    assert bare == text_tokens(caption)
+    assert sample_text_tokens(caption, json.dumps(crawl_meta)) == bare  # a crawl's metadata is not trained on
+    with_qa = sample_text_tokens(caption, json.dumps({**crawl_meta, "qa": qa}))
+    assert with_qa == bare + text_tokens(qa[0]["q"]) + text_tokens(qa[0]["a"])

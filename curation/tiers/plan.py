@@ -25,6 +25,15 @@ from ..fsutil import atomic_write_text
 from ..tokens import text_tokens, visual_tokens
 
 
+def sample_text_tokens(text: str | None, source_meta: str | None) -> int:
+    """Text a trainer sees for a sample: its caption plus its question/answer pairs. Not
+    the rest of `source_meta` (a crawl's metadata, e.g. MMC4's per-image records), which
+    no trainer reads."""
+    from .export.core import qa_pairs
+
+    return text_tokens(text) + sum(text_tokens(q) + text_tokens(a) for q, a in qa_pairs(source_meta))
+
+
 def select(frame: pd.DataFrame, strategy: str, seed_text: str) -> pd.DataFrame:
     """Rows of `frame` (in tier order) chosen by `strategy`."""
     if strategy == "all":
@@ -60,7 +69,7 @@ def make_plan(cfg: PipelineConfig, root: str | Path) -> dict:
                 "tier": entry.tier, "strategy": entry.strategy, "samples": len(chosen),
                 "images": int(sum(c[0] for c in costs)), "frames": int(sum(c[1] for c in costs)),
                 "visual_tokens": int(sum(c[2] for c in costs)),
-                "text_tokens": int(sum(text_tokens(t) + text_tokens(m) for t, m in zip(chosen["text"], chosen["source_meta"]))),
+                "text_tokens": int(sum(sample_text_tokens(t, m) for t, m in zip(chosen["text"], chosen["source_meta"]))),
                 "shards": shards,
             })
         totals = {k: sum(m[k] for m in mix) for k in ("samples", "images", "frames", "visual_tokens", "text_tokens")}
