@@ -28,6 +28,7 @@ from ..decide import Decision, sql_str
 from ..errors import NO_SPACE_ERRNOS, DiskFullError
 from ..fsutil import atomic_write_text
 from ..ops.clip import EMBEDDING_COLUMN
+from .card import write_card
 from .writer import write_manifest, write_shard
 
 MEDIA_SCHEMA = pa.schema([("shard_id", pa.int64()), ("pos", pa.int64()), ("names", pa.list_(pa.string())),
@@ -153,5 +154,6 @@ def build_tiers(cfg, decision: Decision, raw_shards: list[Path], parts: dict[str
         tier_dir = tiers_dir / rule.name
         tier_dir.mkdir(parents=True, exist_ok=True)
         manifests[rule.name] = write_manifest(tier_dir, rule.name, cfg, entries[rule.name])
+        write_card(tier_dir, manifests[rule.name])  # README.md: `datasets.load_dataset(tier_dir)` loads the tars
     return manifests, raw_read
 
