@@ -101,8 +101,9 @@ class StageActor:
     """One actor of a fused stage: builds its operators once, then runs them in order
     on every batch. Returns Arrow with a fixed schema so blocks always concatenate."""
 
-    def __init__(self, specs: list[OpSpec]):
+    def __init__(self, specs: list[OpSpec], declared: schemas.Declared = ()):
         self.ops = [s.build() for s in specs]
+        self.declared = declared  # the run's own columns (any stage's): typed as declared
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         for op in self.ops:
@@ -111,7 +112,7 @@ class StageActor:
         for col in INT_COLUMNS:
             if col in batch.columns:
                 batch[col] = pd.array(batch[col].map(lambda v: None if pd.isna(v) else int(v)), dtype="Int64")
-        return pa.Table.from_pandas(batch, schema=stage_schema(list(batch.columns)), preserve_index=False)
+        return pa.Table.from_pandas(batch, schema=stage_schema(list(batch.columns), self.declared), preserve_index=False)
 
 
 def fuse(specs: tuple[OpSpec, ...]) -> list[list[OpSpec]]:
@@ -126,7 +127,7 @@ def fuse(specs: tuple[OpSpec, ...]) -> list[list[OpSpec]]:
     return stages
 
 
-def write_parts(batch: pa.Table, parts_root: str, tiers, seed: int) -> pa.Table:
+def write_parts(batch: pa.Table, parts_root: str, tiers, seed: int, declared: schemas.Declared = ()) -> pa.Table:
     """Last task of stage A: route the batch's kept rows to tiers, give every row its
     seeded tier-order rank, and write one part per raw shard in the batch. Returns
     only (raw_shard, part, rows) for the driver."""
@@ -148,7 +149,8 @@ def write_parts(batch: pa.Table, parts_root: str, tiers, seed: int) -> pa.Table:
         folder = Path(parts_root) / Path(name).stem
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{uuid.uuid4().hex}.parquet"
-        table = pa.Table.from_pandas(part.reset_index(drop=True), schema=stage_schema(list(part.columns)), preserve_index=False)
+        table = pa.Table.from_pandas(part.reset_index(drop=True), schema=stage_schema(list(part.columns), declared),
+                                     preserve_index=False)
         atomic_write_parquet(table, path)
         out["raw_shard"].append(name)
         out["part"].append(path.name)

@@ -125,15 +125,64 @@ def cmd_plan(args) -> None:
     from .tiers.plan import format_bill, make_plan, write_plan
 
     run_root = find_run_root(args.root)
-    pipeline = args.pipeline or json.loads((run_root / "_work" / "run.json").read_text()).get("pipeline_path")
-    if not pipeline:
-        raise CurationError("name the pipeline with --pipeline (this output does not record it)")
-    plan = make_plan(config.load(pipeline), run_root)
+    # The recipe the run recorded (a run started from Python, or with operators of your
+    # own, has no file to reload), unless --pipeline names one.
+    plan = make_plan(config.for_output(run_root, args.pipeline), run_root)
     out = Path(args.out or run_root / "plan.json")
     write_plan(plan, out)
     print(format_bill(plan))
     print(f"\nplan: {out}  (visual tokens: AnyRes-Max-9 per single image, 729 per image in documents, "
           "196 per video frame up to 32; text tokens estimated at 4 characters each)")
+
+
+def cmd_ops(args) -> None:
+    from .ops import registry
+    from .ops.base import describe_operator, plugin_errors
+
+    ops = registry()
+    for name, error in plugin_errors().items():
+        print(f"curate: plugin {name} failed to import: {error}", file=sys.stderr)
+    if args.name is None:
+        for name in sorted(ops):
+            info = describe_operator(ops[name])
+            note = f"  from {info['module']}" if not info["module"].startswith("curation.") else ""
+            print(f"{name}  ({info['kind']}, v{info['version']}){note}")
+            if info["doc"]:
+                print(f"    {_first_sentence(info['doc'])}")
+            print("    options: " + (", ".join(_param_text(p) for p in info["params"]) or "none"))
+        print(f"\n{len(ops)} operators; `curate ops NAME` shows one in full")
+        return
+    if args.name not in ops:
+        raise CurationError(f"no operator {args.name!r}; operators are {', '.join(sorted(ops))}")
+    info = describe_operator(ops[args.name])
+    print(f"{info['name']}: {info['kind']} operator, version {info['version']} ({info['module']})")
+    if info["doc"]:
+        print()
+        print(info["doc"])
+    print("\noptions:")
+    for p in info["params"] or [{"name": "(none)", "type": "", "default": None, "required": False}]:
+        print(f"  {_param_text(p)}")
+    if info["kind"] == "map":
+        print(f"\napplies to kinds: {', '.join(info['kinds'])}")
+        print(f"resources: {', '.join(f'{k}={v}' for k, v in info['resources'].items())}"
+              f"{'' if info['fusable'] else ' (own actor pool)'}")
+        print("writes: " + (", ".join(f"{c} ({t})" if t else c for c, t in info["outputs"].items()) or "status only"))
+    else:
+        print("\nruns in stage B over the whole run (status, reason, dup_of)")
+    if info["requires"]:
+        print(f"reads: {', '.join(info['requires'])}")
+
+
+def _first_sentence(doc: str, limit: int = 110) -> str:
+    text = " ".join(doc.split("\n\n")[0].split())
+    sentence = text.split(". ")[0].rstrip(".") + "."
+    return sentence if len(sentence) <= limit else sentence[: limit - 3].rstrip() + "..."
+
+
+def _param_text(p: dict) -> str:
+    if p["name"] == "(none)":
+        return "(none)"
+    return f"{p['name']}: {p['type']} (required)" if p["required"] else f"{p['name']}: {p['type']} = {p['default']!r}"
 
 
 def cmd_verify(args) -> int:
@@ -295,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--pipeline", help="pipeline YAML with `stages:` (default: the one that made the output)")
     pl.add_argument("--out", help="plan file to write (default: ROOT/plan.json)")
     pl.set_defaults(func=cmd_plan)
+
+    o = sub.add_parser("ops", help="list the registered operators with their options (or show one in full)")
+    o.add_argument("name", nargs="?", help="an operator's name: show its documentation, options and columns")
+    o.set_defaults(func=cmd_ops)
 
     v = sub.add_parser("verify", help="recheck every tier shard against its manifest (sha256, size, counts, order)")
     v.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")

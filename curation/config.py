@@ -97,8 +97,18 @@ class PipelineConfig:
     def op_versions(self) -> dict[str, str]:
         return {s.name: s.cls.version for s in (*self.map_ops, *self.global_ops)}
 
+    @property
+    def declared_columns(self) -> tuple[tuple[str, str], ...]:
+        """(column, JSON type) of the columns this pipeline's operators add to its
+        sidecars, beyond the contract (MapOp.outputs as {column: type}); in op order."""
+        seen: dict[str, str] = {}
+        for spec in self.map_ops:
+            for column, json_type in spec.cls.declared_columns():
+                seen.setdefault(column, json_type)
+        return tuple(seen.items())
+
     def describe(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "version": self.version,
             "seed": self.seed,
@@ -107,6 +117,15 @@ class PipelineConfig:
             "shard": dataclasses.asdict(self.shard),
             "stages": [dataclasses.asdict(s) for s in self.stages],
         }
+        if self.declared_columns:  # only then: the hash of every other recipe stays what it was
+            d["columns"] = dict(self.declared_columns)
+        return d
+
+    @classmethod
+    def from_dict(cls, doc: dict, path: str = "<python>") -> "PipelineConfig":
+        """A pipeline from a mapping shaped like the YAML (name, ops, tiers, shard, stages),
+        checked exactly as a YAML file is (config.parse)."""
+        return parse(doc, path)
 
 
 def _require_mapping(value: Any, where: str) -> dict:
@@ -130,7 +149,12 @@ def _parse_op(entry: Any, where: str) -> OpSpec:
         raise ConfigError(f"{where}: each operator needs 'op: NAME'")
     ops = registry()
     if name not in ops:
-        raise ConfigError(f"{where}: unknown operator {_short(name)}; known: {', '.join(sorted(ops))}")
+        from .ops.base import plugin_errors
+
+        broken = "".join(f"; plugin {p} failed to import: {e}" for p, e in plugin_errors().items())
+        raise ConfigError(f"{where}: unknown operator {_short(name)}; known: {', '.join(sorted(ops))} "
+                          f"(`curate ops` lists them; an operator of your own must be imported, or installed "
+                          f"under the curation.ops entry point, before the pipeline is read){broken}")
     cls = ops[name]
     res_overrides = _require_mapping(entry.pop("resources", {}) or {}, f"{where}.resources")
     written = {k: v for k, v in entry.items() if isinstance(v, str) and ENV_REF.search(v)}
@@ -209,7 +233,44 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
         raise ConfigError(f"{path}: the first operator must be decode_image")
     _check_requirements(specs, path)
 
-    tiers_raw = doc.get("tiers")
+    tiers = _parse_tiers(doc.get("tiers"), path)
+    names = [t.name for t in tiers]
+    shard = _parse_shard(doc.get("shard", {}), path)
+    declared = _check_declared(map_ops, path)
+
+    from .tiers.routing import check_rules  # late import: routing uses TierRule from here
+
+    produced = {c for c in READ_COLUMNS if c not in ("image_bytes", "doc_sha256")} | {"dup_of"}
+    produced |= {out for spec in map_ops for out in spec.cls.outputs}
+    check_rules(tuple(tiers), produced, declared)
+    stages = _parse_stages(doc.get("stages") or [], set(names), path)
+    return PipelineConfig(name, path, seed, version, tuple(map_ops), tuple(global_ops), tuple(tiers), shard, stages)
+
+
+def _check_declared(map_ops: list[OpSpec], path: str) -> tuple[tuple[str, str], ...]:
+    """The new columns the operators declare: not a name the job uses for itself, and
+    one type per column across operators."""
+    from . import schemas
+
+    reserved = set(READ_COLUMNS) | set(schemas.columns("ledger")) | {"tier_rank", "shard_id", "pos"}
+    props = schemas.load("sidecar")["properties"]
+    for cls in registry().values():  # working columns of operators that are not sidecar columns (embeddings)
+        own = dict(cls.declared_columns()) if issubclass(cls, MapOp) else {}
+        reserved |= {c for c in cls.provides(None) if c not in props and c not in own}
+    seen: dict[str, tuple[str, str]] = {}
+    for i, spec in enumerate(map_ops):
+        for column, json_type in spec.cls.declared_columns():
+            if column in reserved or column.startswith("has_"):
+                raise ConfigError(f"{path}: operator {spec.name} declares the column {column!r}, a name the job "
+                                  "uses for itself; choose another")
+            if column in seen and seen[column][1] != json_type:
+                raise ConfigError(f"{path}: operator {spec.name} declares the column {column!r} as {json_type}, "
+                                  f"but {seen[column][0]} declares it as {seen[column][1]}")
+            seen.setdefault(column, (spec.name, json_type))
+    return tuple((c, t) for c, (_, t) in seen.items())
+
+
+def _parse_tiers(tiers_raw: Any, path: str) -> list[TierRule]:
     if not isinstance(tiers_raw, list) or not tiers_raw:
         raise ConfigError(f"{path}: 'tiers' must be a non-empty list of {{name, where}}")
     tiers = []
@@ -229,8 +290,11 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
     names = [t.name for t in tiers]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: tier names repeat: {names}")
+    return tiers
 
-    shard_raw = dict(_require_mapping(doc.get("shard", {}) or {}, f"{path}: shard"))
+
+def _parse_shard(shard: Any, path: str) -> ShardPolicy:
+    shard_raw = dict(_require_mapping(shard or {}, f"{path}: shard"))
     max_samples = shard_raw.pop("max_samples", ShardPolicy.max_samples)
     max_bytes = shard_raw.pop("max_bytes", None)
     if shard_raw:
@@ -239,16 +303,7 @@ def parse(doc: Any, path: str = "<string>") -> PipelineConfig:
         raise ConfigError(f"{path}: shard.max_samples must be a positive integer")
     if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1):
         raise ConfigError(f"{path}: shard.max_bytes must be a positive integer (bytes)")
-
-    from .rawshards import READ_COLUMNS
-    from .tiers.routing import check_rules  # late import: routing uses TierRule from here
-
-    produced = {c for c in READ_COLUMNS if c not in ("image_bytes", "doc_sha256")} | {"dup_of"}
-    produced |= {out for spec in map_ops for out in spec.cls.outputs}
-    check_rules(tuple(tiers), produced)
-    stages = _parse_stages(doc.get("stages") or [], set(names), path)
-    return PipelineConfig(name, path, seed, version, tuple(map_ops), tuple(global_ops), tuple(tiers),
-                          ShardPolicy(max_samples, max_bytes), stages)
+    return ShardPolicy(max_samples, max_bytes)
 
 
 # What the reader gives every sample before any operator runs. width, height and sha256
@@ -312,6 +367,137 @@ def _parse_stages(raw: Any, tier_names: set[str], path: str) -> tuple[Stage, ...
             mix.append(MixEntry(tier, strategy))
         stages.append(Stage(st["name"], tuple(mix)))
     return tuple(stages)
+
+
+PYTHON_PATH = "<python>"  # PipelineConfig.path of a pipeline built in Python
+
+
+def Pipeline(name: str, ops: list, tiers: list, *, stages: list = (), seed: int = 0, version: str | None = None,
+             shard: dict | ShardPolicy | None = None, description: str = "") -> PipelineConfig:
+    """A pipeline built from Python objects, checked exactly as a YAML recipe is.
+
+    ops: in order, each one of
+      "name" or OpClass                         an operator with its default options
+      ("name" or OpClass, {option: value})      options as in YAML (`resources` too)
+      OpClass(OpClass.Params(...))              an operator instance (its params)
+      {"op": "name", ...}                       the YAML form
+    tiers: TierRule, {"name", "where"} or (name, where); stages: Stage or {"name", "mix"};
+    shard: ShardPolicy or {"max_samples", "max_bytes"}. An operator's class must be
+    registered (curation.ops.register) under its name."""
+    doc: dict[str, Any] = {"name": name, "seed": seed, "ops": [_op_entry(op, i) for i, op in enumerate(ops)],
+                           "tiers": [_tier_entry(t) for t in tiers], "stages": [_as_plain(st) for st in stages]}
+    if version is not None:
+        doc["version"] = version
+    if description:
+        doc["description"] = description
+    if shard is not None:
+        doc["shard"] = _as_plain(shard)
+    return parse(doc, PYTHON_PATH)
+
+
+def _op_entry(op: Any, i: int) -> Any:
+    where = f"{PYTHON_PATH}: ops[{i}]"
+    options: dict = {}
+    if isinstance(op, tuple):
+        if len(op) != 2 or not isinstance(op[1], dict):
+            raise ConfigError(f"{where}: a tuple must be (operator, {{option: value}}), got {_short(op)}")
+        op, options = op
+    if isinstance(op, dict):
+        return {**op, **options}
+    if isinstance(op, Operator):  # an instance: its params, as a recipe would write them
+        if options:
+            raise ConfigError(f"{where}: give options either in the instance's Params or in the dict, not both")
+        cls, options = type(op), _as_plain(op.params)
+    elif isinstance(op, type) and issubclass(op, Operator):
+        cls = op
+    elif isinstance(op, str):
+        return {"op": op, **options}
+    else:
+        raise ConfigError(f"{where}: expected an operator name, class, instance or (name, options), got {_short(op)}")
+    name = getattr(cls, "name", None)
+    if registry().get(name) is not cls:
+        raise ConfigError(f"{where}: {cls.__qualname__} is not registered (decorate it with curation.ops.register)")
+    return {"op": name, **options}
+
+
+def _tier_entry(t: Any) -> Any:
+    if isinstance(t, tuple) and len(t) == 2:
+        return {"name": t[0], "where": t[1]}
+    return _as_plain(t)
+
+
+def _as_plain(value: Any) -> Any:
+    """Dataclasses -> plain mappings (the YAML shape); anything else as it is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) if not dataclasses.is_dataclass(getattr(value, f.name))
+                else _as_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedPipeline(PipelineConfig):
+    """A pipeline as the run that made an output recorded it (OUT/_work/run.json,
+    `recipe`): name, seed, version, tiers, shard policy and stages, checked as a recipe
+    is; its operators stay as they were described, not rebuilt, so reading it needs
+    neither a custom operator's module nor the environment its ${VAR}s came from. Enough
+    for plan and export; never for running."""
+
+    record: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def describe(self) -> dict:
+        return json.loads(json.dumps(self.record))
+
+    @property
+    def op_versions(self) -> dict[str, str]:
+        return {o["op"]: o["version"] for o in self.record.get("ops", [])}
+
+    @property
+    def declared_columns(self) -> tuple[tuple[str, str], ...]:
+        return tuple(self.record.get("columns", {}).items())
+
+
+def from_record(record: Any, path: str) -> RecordedPipeline:
+    """A recorded recipe (PipelineConfig.describe() as JSON) -> RecordedPipeline."""
+    record = _require_mapping(record, f"{path}: the recorded recipe")
+    ops = record.get("ops")
+    if not isinstance(ops, list) or not all(isinstance(o, dict) and isinstance(o.get("op"), str)
+                                            and isinstance(o.get("version"), str) for o in ops):
+        raise ConfigError(f"{path}: the recorded recipe's ops are not a list of {{op, version, ...}}")
+    name, seed, version = record.get("name"), record.get("seed"), record.get("version")
+    if not isinstance(name, str) or not isinstance(seed, int) or not (version is None or isinstance(version, str)):
+        raise ConfigError(f"{path}: the recorded recipe needs a name, an integer seed and a version (or null)")
+    tiers = _parse_tiers(record.get("tiers"), path)
+    stages = _parse_stages(record.get("stages") or [], {t.name for t in tiers}, path)
+    return RecordedPipeline(name, path, seed, version, (), (), tuple(tiers), _parse_shard(record.get("shard"), path),
+                            stages, record=record)
+
+
+def for_output(run_root: str | Path, pipeline: str | Path | None = None) -> PipelineConfig:
+    """The pipeline to read a run's output with (curate plan, curate export --stage):
+    `pipeline` when given (a YAML file or a bundled recipe's name); else the recipe the
+    run recorded in OUT/_work/run.json, which works for pipelines built in Python and
+    with operators of your own; else (outputs of older versions) the file it was loaded from."""
+    from .errors import InputError
+
+    if pipeline is not None:
+        return load(pipeline)
+    run_json = Path(run_root) / "_work" / "run.json"
+    try:
+        info = json.loads(run_json.read_text())
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        raise InputError(f"name the pipeline with --pipeline ({run_json} does not say which one made this output)")
+    if "recipe" in info:
+        cfg = from_record(info["recipe"], f"{run_json} (recipe)")
+        if cfg.config_hash != info.get("config_hash"):  # edited, or written by another version of describe()
+            raise ConfigError(f"{run_json}: the recorded recipe hashes to {cfg.config_hash}, not the run's config "
+                              f"{info.get('config_hash')}; name the pipeline with --pipeline")
+        return cfg
+    path = info.get("pipeline_path")
+    if not isinstance(path, str) or not path or Path(path).name == PYTHON_PATH:
+        raise InputError("name the pipeline with --pipeline (this output does not record the one that made it)")
+    return load(path)
 
 
 def load(path: str | Path) -> PipelineConfig:

@@ -397,7 +397,8 @@ def decide(cfg, annotated: list[Path], raw_names: list[str], work: Path, *, bina
         lineage = {"pipeline": cfg.name, "config_hash": cfg.config_hash,
                    "op_versions": json.dumps(cfg.op_versions, sort_keys=True)}
         with _step("export"):
-            decision = export(con, folder, raw_names, lineage, schemas.columns("sidecar"), present | {"shard_id", "pos"})
+            decision = export(con, folder, raw_names, lineage, schemas.columns("sidecar", cfg.declared_columns),
+                              present | {"shard_id", "pos"})
         shutil.rmtree(scratch, ignore_errors=True)
         return decision
     finally:

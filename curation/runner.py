@@ -42,7 +42,9 @@ def _check_run_identity(work: Path, cfg: PipelineConfig, shards: list[Path], raw
     on the same --out: its intermediate state is useless to another config anyway."""
     identity = {"pipeline": cfg.name, "pipeline_path": str(Path(cfg.path).resolve()),
                 "config_hash": cfg.config_hash, "input": str(raw_dir.resolve()),
-                "raw_shards": {p.name: p.stat().st_size for p in shards}}
+                "raw_shards": {p.name: p.stat().st_size for p in shards},
+                # What plan and export read later (config.for_output): no file or module needed.
+                "recipe": cfg.describe()}
     marker = work / "run.json"
     if marker.exists():
         previous = json.loads(marker.read_text())

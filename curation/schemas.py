@@ -3,12 +3,19 @@ schemas/), and validation of what the code writes.
 
 JSON Schema is the language-neutral contract; the Arrow schema of each parquet file is
 derived from it so column names and types cannot drift from the documented contract.
+
+A run may add columns to its sidecars: an operator declares them with their types
+(`outputs = {"my_score": "float"}`, see curation/ops/base.py), and the run passes the
+declarations (`declared`) to the functions here, which merge them into that run's
+sidecar contract. The built-in columns and their types are the same in every run.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
+import re
 from typing import Any, Iterable
 
 import math
@@ -19,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .errors import CurationError
+from .errors import ConfigError, CurationError
 from .paths import CONTRACTS_DIR
 
 _ARROW_TYPES = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
@@ -29,29 +36,93 @@ class SchemaViolation(CurationError):
     """The code was about to write a row that breaks a data contract."""
 
 
+# A run's declared columns: (column, JSON type) pairs that its operators add to the
+# sidecar (MapOp.outputs given as {column: type}; PipelineConfig.declared_columns).
+# Always a tuple, so that every function below can cache on it.
+Declared = tuple[tuple[str, str], ...]
+
+# What an operator may write as a column's type, and the JSON Schema type it becomes.
+COLUMN_TYPES = {"float": "number", "number": "number", "int": "integer", "integer": "integer",
+                "str": "string", "string": "string", "bool": "boolean", "boolean": "boolean"}
+_PYTHON_TYPES = {float: "number", int: "integer", str: "string", bool: "boolean"}
+COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+def column_type(spec: Any) -> str | None:
+    """The JSON type for a declared column type ("float", "int", "str", "bool", their
+    JSON Schema names, or the Python types themselves); None if it is none of those."""
+    if isinstance(spec, type):
+        return _PYTHON_TYPES.get(spec)
+    return COLUMN_TYPES.get(spec) if isinstance(spec, str) else None
+
+
+def contract_type(prop: dict) -> str:
+    """The JSON type a contract column holds when it is not null."""
+    if "const" in prop or "enum" in prop:
+        return "string"
+    types = prop.get("type", "string")
+    types = types if isinstance(types, list) else [types]
+    return next((t for t in types if t != "null"), "string")
+
+
+def check_declared(outputs: dict, where: str) -> Declared:
+    """Check an operator's {column: type} declaration against the sidecar contract and
+    return its new columns as (column, JSON type). A contract column may be named only
+    with the type the contract gives it: the built-in columns never change."""
+    props = load("sidecar")["properties"]
+    new = []
+    for column, spec in outputs.items():
+        json_type = column_type(spec)
+        if not isinstance(column, str) or not COLUMN_NAME.match(column):
+            raise ConfigError(f"{where}: column name {column!r} must be lowercase letters, digits and _ "
+                              "(starting with a letter, at most 63 characters)")
+        if json_type is None:
+            raise ConfigError(f"{where}: column {column!r} has type {spec!r}; use one of "
+                              f"{sorted(set(COLUMN_TYPES) - set(COLUMN_TYPES.values()))} (or float, int, str, bool)")
+        if column in props:
+            if contract_type(props[column]) != json_type:
+                raise ConfigError(f"{where}: column {column!r} is a built-in sidecar column of type "
+                                  f"{contract_type(props[column])}, not {json_type}; name a new column instead")
+            continue
+        new.append((column, json_type))
+    return tuple(new)
+
+
 @functools.lru_cache(maxsize=None)
-def load(name: str) -> dict:
-    """The JSON Schema called `name` ("sidecar", "ledger", "manifest")."""
+def load(name: str, declared: Declared = ()) -> dict:
+    """The JSON Schema called `name` ("sidecar", "ledger", "manifest"); for "sidecar",
+    with a run's declared columns added (nullable: a column stays null on the rows its
+    operator does not reach). The result is shared: do not modify it."""
+    if declared:
+        if name != "sidecar":
+            raise ValueError(f"only the sidecar contract takes declared columns, not {name!r}")
+        schema = copy.deepcopy(load(name))
+        props = schema["properties"]
+        for column, json_type in declared:
+            if column in props:
+                raise ValueError(f"declared column {column!r} is a built-in sidecar column")
+            props[column] = {"type": [json_type, "null"], "description": "declared by an operator of this run"}
+        return schema
     with open(CONTRACTS_DIR / f"{name}.schema.json", encoding="utf-8") as f:
         return json.load(f)
 
 
 @functools.lru_cache(maxsize=None)
-def _validator(name: str) -> jsonschema.protocols.Validator:
-    schema = load(name)
+def _validator(name: str, declared: Declared = ()) -> jsonschema.protocols.Validator:
+    schema = load(name, declared)
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
     return cls(schema)
 
 
 @functools.lru_cache(maxsize=None)
-def _fast_check(name: str):
+def _fast_check(name: str, declared: Declared = ()):
     """Compiled validator (~25x faster than jsonschema): every written row is checked."""
-    return fastjsonschema.compile(load(name))
+    return fastjsonschema.compile(load(name, declared))
 
 
-def columns(name: str) -> list[str]:
-    return list(load(name)["properties"])
+def columns(name: str, declared: Declared = ()) -> list[str]:
+    return list(load(name, declared)["properties"])
 
 
 def _arrow_type(prop: dict) -> pa.DataType:
@@ -63,15 +134,17 @@ def _arrow_type(prop: dict) -> pa.DataType:
 
 
 @functools.lru_cache(maxsize=None)
-def arrow_schema(name: str) -> pa.Schema:
-    """Arrow schema with the contract's columns, in the contract's order."""
-    props = load(name)["properties"]
+def arrow_schema(name: str, declared: Declared = ()) -> pa.Schema:
+    """Arrow schema with the contract's columns, in the contract's order (then the
+    declared columns, in their order)."""
+    props = load(name, declared)["properties"]
     return pa.schema([pa.field(col, _arrow_type(p)) for col, p in props.items()])
 
 
-def validate_rows(name: str, rows: Iterable[dict[str, Any]]) -> None:
-    """Raise SchemaViolation naming the first row (by uid) that breaks contract `name`."""
-    fast = _fast_check(name)
+def validate_rows(name: str, rows: Iterable[dict[str, Any]], declared: Declared = ()) -> None:
+    """Raise SchemaViolation naming the first row (by uid) that breaks contract `name`
+    (with the run's `declared` columns)."""
+    fast = _fast_check(name, declared)
     for row in rows:
         try:
             fast(row)
@@ -79,10 +152,12 @@ def validate_rows(name: str, rows: Iterable[dict[str, Any]]) -> None:
         except fastjsonschema.JsonSchemaException as exc:
             message, where = exc.message, "(row)"
         # jsonschema words the error better: use it only for the row that failed.
-        err = jsonschema.exceptions.best_match(_validator(name).iter_errors(row))
+        err = jsonschema.exceptions.best_match(_validator(name, declared).iter_errors(row))
         if err is not None:
             message, where = err.message, "/".join(str(p) for p in err.absolute_path) or "(row)"
-        raise SchemaViolation(f"{name} row uid={row.get('uid', '?')} breaks contract curation/contracts/{name}.schema.json at {where}: {message}")
+        extended = f" (+ declared columns {[c for c, _ in declared]})" if declared else ""
+        raise SchemaViolation(f"{name} row uid={row.get('uid', '?')} breaks contract curation/contracts/{name}.schema.json"
+                              f"{extended} at {where}: {message}")
 
 
 def validate_document(name: str, doc: dict) -> None:
@@ -100,18 +175,19 @@ def plain_value(value: Any) -> Any:
     return value
 
 
-def records(df: pd.DataFrame, name: str) -> list[dict[str, Any]]:
+def records(df: pd.DataFrame, name: str, declared: Declared = ()) -> list[dict[str, Any]]:
     """Rows of `df` restricted to contract `name`'s columns, as plain Python values."""
-    cols = [c for c in columns(name) if c in df.columns]
+    cols = [c for c in columns(name, declared) if c in df.columns]
     return [{c: plain_value(v) for c, v in zip(cols, row)} for row in df[cols].itertuples(index=False, name=None)]
 
 
-def to_table(name: str, rows: list[dict[str, Any]] | pd.DataFrame) -> pa.Table:
-    """Validate rows against contract `name` and build a table with its exact Arrow schema."""
+def to_table(name: str, rows: list[dict[str, Any]] | pd.DataFrame, declared: Declared = ()) -> pa.Table:
+    """Validate rows against contract `name` (with the run's `declared` columns) and build
+    a table with its exact Arrow schema."""
     if isinstance(rows, pd.DataFrame):
-        rows = records(rows, name)
+        rows = records(rows, name, declared)
     else:
         rows = [{k: plain_value(v) for k, v in r.items()} for r in rows]
-    validate_rows(name, rows)
-    schema = arrow_schema(name)
+    validate_rows(name, rows, declared)
+    schema = arrow_schema(name, declared)
     return pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)

@@ -13,19 +13,29 @@ Two kinds of operator, both configured from pipeline YAML (`- op: NAME` plus par
   B as SQL over an out-of-core DuckDB table after every MapOp has finished.
 
 Adding an operator is a new module in curation/ops/ with a class decorated by
-@register; nothing else changes.
+@register; nothing else changes. An operator may also live in your own module (or an
+installed package that names it under the "curation.ops" entry point group): decorate
+it with curation.ops.register, and give new columns with their types in `outputs`
+({"my_score": "float"}); the run adds them to its sidecar contract. Ray workers import
+the operator's module by name, so it must be importable where they run: on a local Ray
+the driver's working directory and installed packages are; a class defined in the
+script you run (__main__) travels by value; on a cluster ship the module with the Ray
+runtime env (py_modules). `curate ops` lists every registered operator.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
+import sys
 import traceback
 import types
 import typing
 from typing import Any, ClassVar, Literal, Union
 
+import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, CurationError
@@ -253,13 +263,34 @@ class MapOp(Operator):
     # Cheap CPU operators that are fusable share one actor stage, so decoded images
     # pass between them in memory instead of through the object store.
     fusable: ClassVar[bool] = True
-    # Columns this operator writes (must be declared in schemas/sidecar.schema.json).
-    outputs: ClassVar[tuple[str, ...]] = ()
+    # Columns this operator writes: names of columns of the sidecar contract
+    # (curation/contracts/sidecar.schema.json), or a mapping {column: type} that may
+    # also name new columns ("float", "int", "str", "bool"): a run adds those to its
+    # sidecars, and their values are checked against the type on every batch.
+    outputs: ClassVar[tuple[str, ...] | dict[str, Any]] = ()
     # Sample kinds it applies to; rows of other kinds pass through untouched.
     kinds: ClassVar[tuple[str, ...]] = ("image_text", "interleaved", "video")
 
     def process(self, live: pd.DataFrame) -> pd.DataFrame:
         raise NotImplementedError
+
+    @classmethod
+    def declared_columns(cls) -> tuple[tuple[str, str], ...]:
+        """The new columns this operator adds to the sidecar, as (column, JSON type);
+        empty unless `outputs` is a mapping that names columns outside the contract."""
+        if not isinstance(cls.outputs, dict):
+            return ()
+        from ..schemas import check_declared  # lazy: the contracts load only for operators that declare
+
+        return check_declared(cls.outputs, f"operator {cls.name}")
+
+    def _process_and_check(self, live: pd.DataFrame) -> pd.DataFrame:
+        done = self.process(live)
+        for column, json_type in self.declared_columns():
+            if column in done.columns:  # object dtype: ints stay ints next to None
+                done[column] = pd.Series([_declared_value(v, json_type, column, self.name) for v in done[column]],
+                                         index=done.index, dtype=object)
+        return done
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         live_mask = (batch["status"] == LIVE) & batch["kind"].isin(self.kinds)
@@ -267,7 +298,7 @@ class MapOp(Operator):
             return batch
         live = batch.loc[live_mask].copy()
         try:
-            done = self.process(live)
+            done = self._process_and_check(live)
         except Exception:  # isolate the bad rows instead of failing the whole batch
             done = pd.concat([self._process_one(live.loc[[i]]) for i in live.index])
             self._check_systematic(done)
@@ -280,7 +311,7 @@ class MapOp(Operator):
 
     def _process_one(self, row: pd.DataFrame) -> pd.DataFrame:
         try:
-            return self.process(row.copy())
+            return self._process_and_check(row.copy())
         except Exception as exc:
             row = row.copy()
             last = traceback.extract_tb(exc.__traceback__)[-1]
@@ -296,6 +327,28 @@ class MapOp(Operator):
         if len(done) >= self.SYSTEMATIC_MIN_ROWS and own.all() and done["error"].map(error_signature).nunique() == 1:
             raise SystematicError(f"operator {self.name} raised the same error on all {len(done)} rows of a batch "
                                   f"(a bug or a configuration error, not bad data): {done['error'].iloc[0]}")
+
+
+def _declared_value(value: Any, json_type: str, column: str, op: str) -> Any:
+    """A value an operator wrote to a declared column, as the plain Python value its
+    type holds (NaN and NA are null); TypeError if it is not of that type (the row
+    fails as `<op>_error`; on every row of a batch, the job stops: SystematicError)."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (float, np.floating)) and math.isnan(value):
+        return None
+    if json_type == "boolean" and isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if not isinstance(value, (bool, np.bool_)):
+        if json_type == "number" and isinstance(value, (int, float, np.integer, np.floating)):
+            return float(value)
+        if json_type == "integer" and isinstance(value, (int, np.integer)):
+            return int(value)
+        if json_type == "integer" and isinstance(value, (float, np.floating)) and float(value).is_integer():
+            return int(value)
+        if json_type == "string" and isinstance(value, str):
+            return value
+    raise TypeError(f"operator {op} wrote {_shown(value)} to column {column!r}, which it declares as {json_type}")
 
 
 def error_signature(error: str) -> str:
@@ -320,16 +373,122 @@ class GlobalOp(Operator):
 
 
 _REGISTRY: dict[str, type[Operator]] = {}
+OPERATOR_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
 def register(cls: type[Operator]) -> type[Operator]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise RuntimeError(f"operator name {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
+    """Class decorator: make an operator available to pipelines by its `name`. Checks
+    the declaration now, so a mistake fails where the class is defined."""
+    name = getattr(cls, "name", None)
+    if not (isinstance(cls, type) and issubclass(cls, (MapOp, GlobalOp))):
+        raise ConfigError(f"register: {cls!r} is not a MapOp or GlobalOp subclass")
+    if not isinstance(name, str) or not OPERATOR_NAME.match(name):
+        raise ConfigError(f"register: {cls.__qualname__} needs a class attribute `name`: lowercase letters, digits "
+                          f"and _, starting with a letter (got {name!r})")
+    if not (dataclasses.is_dataclass(cls.Params) and isinstance(cls.Params, type)):
+        raise ConfigError(f"register: {cls.__qualname__}.Params must be a dataclass")
+    if issubclass(cls, MapOp):
+        cls.declared_columns()  # raises ConfigError on a bad {column: type}
+    elif isinstance(getattr(cls, "outputs", ()), dict):
+        raise ConfigError(f"register: {name} is a global operator; it sets status, reason and dup_of only and "
+                          "declares no columns")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        other = _REGISTRY[name]
+        if (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise RuntimeError(f"operator name {name!r} registered twice ({other.__module__}.{other.__qualname__} "
+                               f"and {cls.__module__}.{cls.__qualname__})")
+    # The same class defined again (a module re-run in a notebook) replaces the old one.
+    _REGISTRY[name] = cls
     return cls
+
+
+# Installed packages add operators by naming a module (or class) under this entry point
+# group, e.g. in their pyproject.toml: [project.entry-points."curation.ops"] mine = "mypkg.ops"
+PLUGIN_GROUP = "curation.ops"
+_PLUGIN_ERRORS: dict[str, str] = {}
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Import every "curation.ops" entry point once. One that fails to import is
+    remembered (plugin_errors), not raised: a broken plugin must not stop recipes that
+    do not use it, and the unknown-operator error of one that does names it."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            loaded = ep.load()
+            if isinstance(loaded, type) and issubclass(loaded, (MapOp, GlobalOp)) and loaded.name not in _REGISTRY:
+                register(loaded)
+        except Exception as exc:
+            _PLUGIN_ERRORS[f"{ep.name} = {ep.value}"] = describe_error(exc)
+
+
+def plugin_errors() -> dict[str, str]:
+    """Entry points of the "curation.ops" group that failed to import, with the error."""
+    return dict(_PLUGIN_ERRORS)
 
 
 def registry() -> dict[str, type[Operator]]:
     from . import _discover  # noqa: F401  (imports every operator module once)
 
+    _load_plugins()
     return dict(_REGISTRY)
+
+
+def describe_operator(cls: type[Operator]) -> dict[str, Any]:
+    """What `curate ops` shows: kind, version, doc, options (name, type, default),
+    resources, kinds, columns read and written."""
+    hints = _param_hints(cls.Params)
+    params = []
+    for f in dataclasses.fields(cls.Params):
+        if f.default is not dataclasses.MISSING:
+            default, required = f.default, False
+        elif f.default_factory is not dataclasses.MISSING:
+            default, required = f.default_factory(), False
+        else:
+            default, required = None, True
+        params.append({"name": f.name, "type": type_text(hints.get(f.name, Any)), "default": default,
+                       "required": required})
+    doc = cls.__dict__.get("__doc__") or ""  # its own, not a base class's
+    if not doc.strip():  # the built-in model operators document themselves in their module
+        doc = getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
+    doc = inspect.cleandoc(doc)
+    info: dict[str, Any] = {"name": cls.name, "kind": "map" if issubclass(cls, MapOp) else "global",
+                            "version": cls.version, "module": cls.__module__, "doc": doc, "params": params,
+                            "requires": list(cls.requires)}
+    if issubclass(cls, MapOp):
+        from .. import schemas
+
+        props = schemas.load("sidecar")["properties"]
+        declared = dict(cls.declared_columns())
+        # With their JSON types: the contract's, or the operator's declaration; columns
+        # that are not sidecar columns (an embedding) have none.
+        info["outputs"] = {c: declared.get(c) or (schemas.contract_type(props[c]) if c in props else None)
+                           for c in cls.provides(None)}
+        info["kinds"] = list(cls.kinds)
+        info["resources"] = dataclasses.asdict(cls.resources)
+        info["fusable"] = cls.fusable
+    return info
+
+
+def type_text(tp: Any) -> str:
+    """An option's annotation as a short Python type: int, float | None, list[str], 'a' | 'b'."""
+    if tp is Any or tp is object:
+        return "any"
+    if tp is type(None) or tp is None:
+        return "None"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_text(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        inner = ", ".join("..." if a is Ellipsis else type_text(a) for a in args)
+        return f"{name}[{inner}]" if args else name
+    return getattr(tp, "__name__", str(tp))

@@ -76,7 +76,7 @@ def read_picked(batch: dict, pending_path: str | None, stats_dir: str) -> Iterat
     atomic_write_text(Path(stats_dir) / f"{Path(raw_path).name}.json", json.dumps({"raw_bytes_read": Path(raw_path).stat().st_size}))
 
 
-def write_group(group: pa.Table, sidecars_dir: str, tiers_dir: str, entries_dir: str) -> pa.Table:
+def write_group(group: pa.Table, sidecars_dir: str, tiers_dir: str, entries_dir: str, declared: tuple = ()) -> pa.Table:
     """map_groups function: one tier shard's media rows -> its tar, sidecar, embeddings."""
     group = group.sort_by("pos")
     shard_id = group.column("shard_id")[0].as_py()
@@ -91,7 +91,7 @@ def write_group(group: pa.Table, sidecars_dir: str, tiers_dir: str, entries_dir:
     tier_dir = Path(tiers_dir) / tier
     tier_dir.mkdir(parents=True, exist_ok=True)
     try:
-        entry = write_shard(tier_dir / name, rows, media, embeddings)
+        entry = write_shard(tier_dir / name, rows, media, embeddings, declared=declared)
     except OSError as exc:
         if exc.errno in NO_SPACE_ERRNOS:
             raise DiskFullError(f"no space left while writing tier shard {tier}/{name} ({exc.strerror}); nothing partial "
@@ -140,7 +140,8 @@ def build_tiers(cfg, decision: Decision, raw_shards: list[Path], parts: dict[str
         partitions = max(1, min(len(pending), max(int(cluster_cpus()) * 2, -(-media_bytes // PARTITION_BYTES))))
         ds = ds.groupby("shard_id", num_partitions=partitions).map_groups(
             write_group, batch_format="pyarrow", num_cpus=0.5,
-            fn_kwargs={"sidecars_dir": str(decision.sidecars), "tiers_dir": str(tiers_dir), "entries_dir": str(entries_dir)})
+            fn_kwargs={"sidecars_dir": str(decision.sidecars), "tiers_dir": str(tiers_dir), "entries_dir": str(entries_dir),
+                       "declared": cfg.declared_columns})
         with progress_bar(sum(s["samples"] for s in decision.shards), "write tiers") as bar:
             bar.update(sum(s["samples"] for s in decision.shards) - sum(s["samples"] for s in pending))
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -30,10 +30,10 @@ def _case_sql(rules: tuple[TierRule, ...]) -> str:
 _DTYPES = {"integer": "Int64", "number": "float64"}
 
 
-def check_rules(rules: tuple[TierRule, ...], columns: set[str]) -> None:
+def check_rules(rules: tuple[TierRule, ...], columns: set[str], declared: schemas.Declared = ()) -> None:
     """Fail fast, before any work, on a rule DuckDB cannot bind (typo, bad SQL, or a
-    column that no configured operator produces)."""
-    props = schemas.load("sidecar")["properties"]
+    column that no configured operator produces); `declared`: the run's own columns."""
+    props = schemas.load("sidecar", declared)["properties"]
 
     def dtype(name: str) -> str:
         types = props.get(name, {}).get("type", "string")

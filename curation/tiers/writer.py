@@ -37,13 +37,13 @@ def sample_json(row: dict) -> bytes:
 
 
 def write_shard(tar_path: str | Path, rows: list[dict], media: list[list[tuple[str, bytes]]],
-                embeddings: list[bytes | None] | None = None) -> dict:
+                embeddings: list[bytes | None] | None = None, declared: schemas.Declared = ()) -> dict:
     """Write one shard from its sidecar rows (in order), each row's media members and
-    (optionally) its embedding. Returns the manifest entry. Writes to temporary names,
+    (optionally) its embedding; `declared`: the run's own sidecar columns. Returns the manifest entry. Writes to temporary names,
     then renames tar, embeddings, then sidecar: a shard is done once its sidecar exists."""
     tar_path = Path(tar_path)
-    sidecar_rows = [{c: r.get(c) for c in schemas.columns("sidecar")} for r in rows]
-    table = schemas.to_table("sidecar", sidecar_rows)
+    sidecar_rows = [{c: r.get(c) for c in schemas.columns("sidecar", declared)} for r in rows]
+    table = schemas.to_table("sidecar", sidecar_rows, declared)
     samples = []
     for sc, members in zip(sidecar_rows, media):
         members = list(members)

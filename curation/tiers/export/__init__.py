@@ -19,7 +19,6 @@ parser stays light.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 FORMATS = {"llava": ("llava", "LlavaWriter"), "sharegpt": ("sharegpt", "SharegptWriter"),
@@ -93,16 +92,9 @@ def export_llava(root: str | Path, tier: str, out: str | Path, sampling_strategy
 
 def _pipeline(run_root: Path, pipeline):
     from ... import config
-    from ...errors import ConfigError, InputError
+    from ...errors import ConfigError
 
-    if pipeline is None:
-        try:
-            pipeline = json.loads((run_root / "_work" / "run.json").read_text()).get("pipeline_path")
-        except (OSError, ValueError, AttributeError):
-            pipeline = None
-        if not pipeline:
-            raise InputError("name the pipeline with --pipeline (this output does not record the one that made it)")
-    cfg = config.load(pipeline)
+    cfg = config.for_output(run_root, pipeline)  # the recipe the run recorded, unless --pipeline names one
     if not cfg.stages:
         raise ConfigError(f"{cfg.path} defines no 'stages'; add stages: [{{name, mix: [{{tier, strategy}}]}}]")
     return cfg
