@@ -427,10 +427,14 @@ def _tier_entry(t: Any) -> Any:
 
 
 def _as_plain(value: Any) -> Any:
-    """Dataclasses -> plain mappings (the YAML shape); anything else as it is."""
+    """Dataclasses (Stage, MixEntry, TierRule, ShardPolicy, Params) -> the YAML shape:
+    mappings, and lists for tuples; anything else as it is."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: getattr(value, f.name) if not dataclasses.is_dataclass(getattr(value, f.name))
-                else _as_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _as_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_as_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
     return value
 
 

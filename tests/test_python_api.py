@@ -85,9 +85,12 @@ def test_a_pipeline_from_python_objects_is_the_yaml_pipeline():
         name="cheap", seed=3,
         ops=["decode_image", config.registry()["perceptual_hash"], ImageQuality(ImageQuality.Params(min_side=16)),
              ("caption_length", {"min_words": 2}), {"op": "exact_dedup"}, ("near_dedup", {"max_hamming": 4})],
-        tiers=[("wide", "width > height"), config.TierRule("rest", "true")], shard={"max_samples": 20})
+        tiers=[("wide", "width > height"), config.TierRule("rest", "true")], shard=config.ShardPolicy(max_samples=20))
     assert cfg.config_hash == yaml_cfg.config_hash
     assert cfg.describe() == yaml_cfg.describe()
+    staged = curation.Pipeline(name="cheap", ops=["decode_image"], tiers=[("wide", "width > height")],
+                               stages=[config.Stage("s", (config.MixEntry("wide", "first:10"),))])
+    assert staged.stages == (config.Stage("s", (config.MixEntry("wide", "first:10"),)),)
     assert config.PipelineConfig.from_dict(yaml_cfg.describe() | {"ops": [
         {k: v for k, v in o.items() if k != "version"} for o in yaml_cfg.describe()["ops"]]}).config_hash == cfg.config_hash
 
