@@ -123,7 +123,8 @@ def card_text(tier_dir: Path, manifest: dict) -> str:
         f"# {tier}",
         "",
         f"Tier `{tier}` of curation pipeline `{pipeline}` ({_identity(manifest)}): "
-        f"{manifest['num_samples']} samples in {len(manifest['shards'])} WebDataset shards, "
+        f"{manifest['num_samples']} samples in {len(manifest['shards'])} WebDataset "
+        f"shard{'' if len(manifest['shards']) == 1 else 's'}, "
         f"{manifest['num_bytes']} bytes. `manifest.json` lists each shard with its sha256; "
         "each `<shard>.parquet` sidecar holds the shard's rows in order.",
         "",
@@ -132,6 +133,8 @@ def card_text(tier_dir: Path, manifest: dict) -> str:
         *[f"| {kind} | {n} |" for kind, n in sorted(kinds.items())],
         *([] if kinds else ["| (none) | 0 |"]),
         "",
+        *([] if manifest["shards"] else ["This tier has no samples, so no shards: `load_dataset` finds no data "
+                                         "files here and raises.", ""]),
         "## Loading",
         "",
         "```python",
@@ -151,7 +154,7 @@ def card_text(tier_dir: Path, manifest: dict) -> str:
         "| column | type | content |",
         "|---|---|---|",
         *[f"| `{m}` | {_type_words(m)} | {_member_words(m)} |" for m in members],
-        "| `txt` | string | the sample's text (caption); None when it has none |",
+        "| `txt` | string | the sample's text (an image's caption, a document's or clip's text); None when it has none |",
         "| `json` | struct | the sidecar row: provenance, annotations, media facts |",
         "| `__key__` | string | the sample key (the sidecar's `key`) |",
         "| `__url__` | string | the shard the sample came from |",
