@@ -4,6 +4,14 @@ Members are grouped into samples by key (the basename up to the first dot). Meta
 is read with json.loads only: nothing from a shard is ever unpickled or evaluated, and a
 member's name is only ever a string (never a path we open or write).
 
+A shard is a ShardRef (curation/inputs.py: a local file or an s3:// object, named
+uniquely within its input) or a local path (named by its file name). The `raw_shard`
+column and the uids derived from a place use that name. Compression is told by the
+data's magic bytes: gzip (.tar.gz, .tgz), bzip2 and xz are inflated streamed, never
+whole, and count against a cap: min_inflate_bytes + max_inflate_ratio x the compressed
+size. A compression bomb stops reading there (rule 2, `decompressed_too_large`), so it
+costs bounded work and only its own shard.
+
 Shards are hostile input. `read_shard` never raises on content and never holds more
 than one sample (capped by `ReadCaps`) in memory; every problem becomes a row with
 status "failed", a short snake_case `reason` and a one-line `error` (no paths).
@@ -28,7 +36,8 @@ it predicts `read_shard` exactly):
    that is corrupt or claims an absurd size, or the archive ends without its
    end-of-archive zero block, e.g. cut at a member boundary), the samples before are
    kept as read and the last sample started fails `truncated_member` (it may have lost
-   members), unless it already failed for another reason.
+   members; `decompressed_too_large` when the inflate cap stopped it), unless it already
+   failed for another reason.
 3. The listing: img2dataset and our crawl write `<stem>.parquet` beside `<stem>.tar`,
    one row per attempted sample. Keys are read from column `key` (img2dataset) or
    `raw_key` (our media crawl), and a key counts as written when `status` is "success"
@@ -40,6 +49,15 @@ it predicts `read_shard` exactly):
 4. A shard that could not be opened, or stopped abnormally, and gives no row by the
    rules above (garbage named .tar, an empty file, no listing) gives ONE row for the shard:
    uid make_uid(source/shard, "<shard>"), raw_key None, failed `unreadable_shard`.
+5. The listing's failed rows, when the shard says so (ShardRef.listing_failures: an
+   input without our crawl ledger, e.g. img2dataset's own output): every listed url
+   that was not written gives a row last, sorted by key (rows without a key after them,
+   in listing order), unless the tar holds its key: failed `download_error`
+   (img2dataset's failed_to_download) or `decode_error` (failed_to_resize), with its
+   error_message; our crawl's listing keeps its own status, reason and error; any
+   other status fails `crawl_failed`. The url and uid come from the listing (uid as in
+   rule 3; a row without a key: make_uid(source/shard, "<listing row i>")). A key listed
+   twice counts once. A local path is read without them (our crawl's ledger has them).
 
 Metadata (`sample_row`, which never raises): the json member must be UTF-8 and a JSON
 object (else `bad_metadata`; too deep nesting too). NaN/Infinity become null (pandas
@@ -48,18 +66,28 @@ null, probe an object, missing_images an array of strings, items an array of obj
 anything else fails the row `bad_metadata` naming the field. Numeric probe fields must be
 non-negative finite numbers (an integral float counts as an int: 640.0 -> 640); strings,
 booleans, fractions in int fields and out-of-range values fail. A kind that is not one of
-KINDS fails `unknown_kind`. A uid that is not ours (a number, another format) is not an
-error: the row gets the uid derived from its place. A non-string `meta` is kept as its
-JSON text. A sha256 that is not 64 hex chars is ignored and recomputed from the content:
+KINDS fails `unknown_kind`; a json without a kind (or no json) gets the kind its members
+say (`infer_kind`: a video member (mp4, webm, mkv, mov) -> video, several images
+("0.jpg", "1.png", ... see NUMBERED_IMAGE, or jpg + png) -> interleaved with its images
+as the document's items, else image_text); a video's facts then come from the file
+(media.tier_members probes it when stage A validates the media). A uid that is not ours
+(a number, another format) is not an error: the row gets the uid derived from its place.
+source_meta is `meta` as it was written (a string as is, JSON as its text), unless
+the json has fields of the producer's own (any non-null field not in KNOWN_FIELDS:
+license, width, original_width, similarity, ...): then it is one JSON object of them
+with meta's fields on top (meta that is not an object goes under "meta"). A sha256 that is not 64 hex chars is ignored and recomputed from the content:
 a video's bytes, or for a document every image in order plus its text items and caption
 (`doc_content_sha256`). A txt/caption member that is not UTF-8 fails `bad_text`.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import math
 import re
 import tarfile
@@ -69,6 +97,7 @@ from typing import Any, Iterator
 
 from .errors import InputError
 from .ids import make_uid
+from .inputs import ShardRef, as_shard, open_listing, open_shard
 
 # Columns every raw sample starts with, whatever its kind, so Ray blocks from shards of
 # different kinds share one schema. Operators add their outputs to these.
@@ -79,10 +108,21 @@ KINDS = ("image_text", "interleaved", "video")
 UID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-VIDEO_EXTS = ("mp4", "webm")
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov")
+# Members of a multi-image sample: "0.jpg", "1.png", ... or "img0.jpg", "image_1.png", "page-2.webp"
+NUMBERED_IMAGE = re.compile(r"^(?:(?:img|image|images|page|frame)[._-]?)?([0-9]{1,9})\.(jpg|jpeg|png|webp)\Z")
+# Json fields this reader uses; every other non-null field is the producer's and goes
+# into source_meta. key/status/error_message are img2dataset's bookkeeping of the
+# sample itself (its key, "success", null), nothing about the data.
+KNOWN_FIELDS = frozenset({"uid", "kind", "source", "url", "caption", "meta", "probe", "missing_images", "items",
+                          "doc_id", "sha256", "key", "status", "error_message"})
 TEXT_EXTS = ("txt", "caption")
 SHARD_KEY = "<shard>"  # the position a whole-shard row's uid is derived from
 LISTING_SUCCESS = ("success", "kept")  # img2dataset, our crawl
+# img2dataset's failure statuses -> our reasons (as curation/crawl/image_text.py classifies them)
+LISTING_FAILURES = {"failed_to_download": "download_error", "failed_to_resize": "decode_error"}
+OUR_ERROR_PREFIX = "curation:"  # crawl.fetch.encode_outcome: our crawl's own outcome, as JSON
+_REASON = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 ERROR_CHARS = 300
 MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name header data (tarfile reads it whole)
 _CHUNK = 1 << 20
@@ -98,38 +138,51 @@ class ReadCaps:
     max_text_bytes: int = 1 << 20      # txt/caption member; longer fails 'text_too_large'
     max_members_per_sample: int = 256
     max_listing_rows: int = 10_000_000  # a longer `<stem>.parquet` listing is ignored
+    # A compressed shard (.tar.gz, .tgz, or any gzip/bz2/xz data) is read until it has
+    # inflated to min_inflate_bytes + max_inflate_ratio x its compressed size; past that
+    # it is a compression bomb and reading stops there (`decompressed_too_large`).
+    max_inflate_ratio: int = 100
+    min_inflate_bytes: int = 64 << 20
 
 
 # ------------------------------------------------------------------------ small helpers
 def ordered_images(files: dict[str, bytes]) -> list[str]:
-    """Members "0.jpg", "1.png", ... of a multi-image sample, in their order."""
+    """Numbered image members of a multi-image sample ("0.jpg", "1.png", "img2.webp",
+    see NUMBERED_IMAGE), in their order."""
     numbered = []
     for e in files:
-        num, dot, ext = e.partition(".")
-        if dot and ext in IMAGE_EXTS and num.isascii() and num.isdigit() and len(num) <= 9:
-            numbered.append((int(num), e))
+        m = NUMBERED_IMAGE.match(e)
+        if m:
+            numbered.append((int(m.group(1)), e))
     return [e for _, e in sorted(numbered)]
+
+
+def _plain_images(files: dict[str, bytes]) -> list[str]:
+    return [e for e in IMAGE_EXTS if e in files]
 
 
 def media_members(kind: str, files: dict[str, bytes]) -> list[str]:
     """The sample's media member names in order, by kind."""
     if kind == "interleaved":
-        return ordered_images(files)
+        return ordered_images(files) or _plain_images(files)
     if kind == "video":
         return [e for e in VIDEO_EXTS if e in files][:1]
-    return [e for e in IMAGE_EXTS if e in files][:1]
+    return (_plain_images(files) or ordered_images(files))[:1]
 
 
-def list_raw_shards(raw_dir: str | Path) -> list[Path]:
-    raw_dir = Path(raw_dir)
-    if not raw_dir.exists():
-        raise InputError(f"input folder not found: {raw_dir}")
-    if not raw_dir.is_dir():
-        raise InputError(f"input must be a folder of raw shards (.tar), got a file: {raw_dir}")
-    shards = sorted(raw_dir.glob("*.tar"))
-    if not shards:
-        raise InputError(f"no raw shards (*.tar) in {raw_dir}")
-    return shards
+def infer_kind(files: dict[str, bytes]) -> str:
+    """The kind of a sample whose json does not say: a video member makes a video, more
+    than one image member a document (interleaved), else an image with text."""
+    if any(e in files for e in VIDEO_EXTS):
+        return "video"
+    return "interleaved" if len(ordered_images(files)) > 1 or len(_plain_images(files)) > 1 else "image_text"
+
+
+def list_raw_shards(raw_input: str | Path) -> list[ShardRef]:
+    """The raw shards an --input names (curation/inputs.py), in order."""
+    from .inputs import resolve_input
+
+    return list(resolve_input(raw_input).shards)
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -146,18 +199,27 @@ def _one_line(text: str, limit: int = ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _describe(exc: BaseException, path: Path | None = None) -> str:
-    """One line naming the problem; never the shard's full path (it may hold a user name or
-    a secret from the environment), only its file name."""
+def _describe(exc: BaseException, shard: ShardRef | None = None) -> str:
+    """One line naming the problem; never the shard's full path or url (it may hold a user
+    name or a secret from the environment), only its name."""
+    if isinstance(exc, _InflateLimit):
+        return _one_line(str(exc))
     if isinstance(exc, OSError) and exc.strerror:
         msg = f"{type(exc).__name__}: {exc.strerror}"
     else:
         msg = f"{type(exc).__name__}: {exc}"
-    if path is not None:
-        for p in sorted({str(path), str(path.parent), str(path.absolute()), str(path.absolute().parent)},
-                        key=len, reverse=True):
+    if shard is not None:
+        places = {shard.url, shard.url.rpartition("/")[0], shard.listing_url}
+        if shard.remote:  # pyarrow names objects as bucket/key, bucket and key apart too
+            bucket_key = shard.url[len("s3://"):]
+            places |= {bucket_key, bucket_key.rpartition("/")[0], bucket_key.partition("/")[2],
+                       bucket_key.partition("/")[0], shard.listing_url[len("s3://"):]}
+        else:
+            path = Path(shard.url)
+            places |= {str(path.absolute()), str(path.absolute().parent)}
+        for p in sorted(places, key=len, reverse=True):
             if len(p) > 1:
-                msg = msg.replace(p, path.name)
+                msg = msg.replace(p, shard.name)
     return _one_line(msg)
 
 
@@ -175,17 +237,81 @@ def _clean_name(name: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def _listing_path(path: Path) -> Path:
-    name = path.name
-    for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return path.with_name(name[: -len(suffix)] + ".parquet")
-    return path.with_name(path.stem + ".parquet")
-
-
 # --------------------------------------------------------------------- the tar walk
 class _HostileHeader(Exception):
     """A tar header that claims something we refuse to act on."""
+
+
+class _InflateLimit(Exception):
+    """A compressed shard inflated past its cap (ReadCaps.max_inflate_ratio)."""
+
+
+class _Inflated:
+    """The decompressed bytes of a compressed shard as a forward-only file for tarfile
+    ("r:" mode: reads, tell, forward seeks by reading), counted: past `limit` bytes it
+    raises _InflateLimit, so a compression bomb costs bounded work and only its shard."""
+
+    def __init__(self, inner, limit: int, compressed_size: int):
+        self.inner, self.limit, self.compressed_size, self.pos = inner, limit, compressed_size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = _CHUNK  # tarfile never asks for "all"; never read unbounded
+        data = self.inner.read(min(n, self.limit - self.pos + 1))
+        self.pos += len(data)
+        if self.pos > self.limit:
+            raise _InflateLimit(f"the shard inflates past {self.limit} bytes ({self.compressed_size} compressed): "
+                                "a compression bomb; the rest of it is not read")
+        return data
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self.pos
+        elif whence != 0:
+            raise io.UnsupportedOperation("a compressed shard is read forward only")
+        if pos < self.pos:
+            raise io.UnsupportedOperation("a compressed shard is read forward only")
+        while self.pos < pos:
+            if not self.read(min(pos - self.pos, _CHUNK)):
+                break
+        return self.pos
+
+
+def _open_tar(shard: ShardRef, caps: ReadCaps) -> tuple[tarfile.TarFile, list]:
+    """The shard as a TarFile (headers through _SafeTarInfo) and what to close after it.
+    Compression is told by the data's magic bytes, not by the name: gzip, bzip2 and xz are
+    read streamed through _Inflated; a plain tar is read with seeks."""
+    raw, size = open_shard(shard)
+    closers = [raw]
+    try:
+        magic = raw.peek(6)[:6]
+        if magic[:2] == b"\x1f\x8b":
+            inner = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif magic[:3] == b"BZh":
+            inner = bz2.BZ2File(raw, "rb")
+        elif magic == b"\xfd7zXZ\x00":
+            inner = lzma.LZMAFile(raw, "rb")
+        else:
+            inner = None
+        if inner is None:
+            return tarfile.open(fileobj=raw, mode="r:", tarinfo=_SafeTarInfo), closers
+        closers.insert(0, inner)
+        limit = caps.min_inflate_bytes + caps.max_inflate_ratio * size
+        return tarfile.open(fileobj=_Inflated(inner, limit, size), mode="r:", tarinfo=_SafeTarInfo), closers
+    except BaseException:
+        _close_all(closers)
+        raise
+
+
+def _close_all(closers: list) -> None:
+    for c in closers:
+        try:
+            c.close()
+        except Exception:
+            pass
 
 
 class _SafeTarInfo(tarfile.TarInfo):
@@ -231,6 +357,7 @@ class _Sample:
 class _WalkState:
     opened: bool = False
     stop_error: str | None = None  # why reading stopped early (None: clean end)
+    stop_reason: str = "truncated_member"  # what the sample reading stopped in fails with
     keys: dict[str, int] = field(default_factory=dict)  # key -> how many times it started a sample
 
 
@@ -271,13 +398,19 @@ def _read_data(fileobj, member: tarfile.TarInfo) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _walk(path: Path, caps: ReadCaps, want_data: bool, state: _WalkState) -> Iterator[_Sample]:
+def _stopped(state: _WalkState, exc: BaseException, shard: ShardRef) -> None:
+    state.stop_error = _describe(exc, shard)
+    if isinstance(exc, _InflateLimit):
+        state.stop_reason = "decompressed_too_large"
+
+
+def _walk(shard: ShardRef, caps: ReadCaps, want_data: bool, state: _WalkState) -> Iterator[_Sample]:
     """Samples in tar order. Decides everything from the headers, so the same samples,
     with the same failures, come out whether or not data is read (want_data)."""
     try:
-        tar = tarfile.open(path, "r:*", tarinfo=_SafeTarInfo)
+        tar, closers = _open_tar(shard, caps)
     except Exception as exc:  # not a tar, empty, unreadable file, hostile first header
-        state.stop_error = _describe(exc, path)
+        _stopped(state, exc, shard)
         return
     state.opened = True
     seen = state.keys
@@ -290,7 +423,7 @@ def _walk(path: Path, caps: ReadCaps, want_data: bool, state: _WalkState) -> Ite
             try:
                 member = tar.next()
             except Exception as exc:
-                state.stop_error = _describe(exc, path)
+                _stopped(state, exc, shard)
                 break
             if member is None:
                 state.stop_error = _end_problem(tar)
@@ -338,49 +471,89 @@ def _walk(path: Path, caps: ReadCaps, want_data: bool, state: _WalkState) -> Ite
                 elif compressed:
                     _skip_data(fileobj, member)
             except Exception as exc:
-                state.stop_error = _describe(exc, path)
+                _stopped(state, exc, shard)
                 break
         if state.stop_error and cur is not None:
-            cur.fail("truncated_member", f"reading stopped in or after this sample: {state.stop_error}")
+            cur.fail(state.stop_reason, f"reading stopped in or after this sample: {state.stop_error}")
         if cur is not None:
             yield cur
     finally:
-        try:
-            tar.close()
-        except Exception:
-            pass
+        _close_all([tar, *closers])
 
 
 # ----------------------------------------------------------------------- the listing
-def _read_listing(path: Path, caps: ReadCaps) -> dict[str, dict] | None:
-    """{key: {"uid", "url"}} of the samples the listing says were written, or None."""
-    listing = _listing_path(path)
-    try:
-        if not listing.is_file():
-            return None
-        import pyarrow.parquet as pq
+@dataclass
+class _Listing:
+    written: dict[str, dict]  # key -> {"uid", "url"}: samples the listing says are in the tar
+    failed: list[tuple]       # (key | None, row index, {"uid", "url", "status", "reason", "error"})
 
-        pf = pq.ParquetFile(listing)
-        names = pf.schema_arrow.names
-        key_col = "key" if "key" in names else "raw_key" if "raw_key" in names else None
-        if key_col is None or "status" not in names or pf.metadata.num_rows > caps.max_listing_rows:
+
+def _text(value, limit: int = ERROR_CHARS * 4) -> str | None:
+    return _clean_name(value[:limit]) if isinstance(value, str) else None
+
+
+def _listing_outcome(status, reason, error) -> tuple[str, str, str]:
+    """A listing row that was not written -> (status, reason, error) for the ledger."""
+    message = _text(error)
+    if message and message.startswith(OUR_ERROR_PREFIX):  # our crawl's own outcome, kept as it said
+        try:
+            ours = json.loads(message[len(OUR_ERROR_PREFIX):])
+        except (ValueError, RecursionError):
+            ours = None
+        if (isinstance(ours, dict) and ours.get("status") in ("failed", "dropped")
+                and isinstance(ours.get("reason"), str) and _REASON.match(ours["reason"])):
+            return ours["status"], ours["reason"], _one_line(_text(ours.get("error")) or ours["reason"])
+    if status in LISTING_FAILURES:
+        return "failed", LISTING_FAILURES[status], _one_line(message or status)
+    if status in ("failed", "dropped"):  # our crawl's listing: its reason and error
+        ok = isinstance(reason, str) and _REASON.match(reason)
+        return status, reason if ok else "crawl_failed", _one_line(message or _text(reason) or status)
+    shown = _one_line(repr(status), 60) if status is not None else "none"
+    return "failed", "crawl_failed", _one_line(f"the listing says status {shown}" + (f": {message}" if message else ""))
+
+
+def _read_listing(shard: ShardRef, caps: ReadCaps) -> _Listing | None:
+    """What the shard's listing says (written keys; the rows that failed, when
+    shard.listing_failures), or None when it has none or it cannot be used."""
+    try:
+        f = open_listing(shard)
+        if f is None:
             return None
-        cols = [key_col, "status"] + [c for c in ("uid", "url") if c in names]
-        table = pf.read(columns=cols)
-        data = {c: table.column(c).to_pylist() for c in cols}
+        with f:
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            key_col = "key" if "key" in names else "raw_key" if "raw_key" in names else None
+            if key_col is None or "status" not in names or pf.metadata.num_rows > caps.max_listing_rows:
+                return None
+            cols = [key_col, "status"] + [c for c in ("uid", "url") if c in names]
+            if shard.listing_failures:
+                cols += [c for c in ("error_message", "error", "reason") if c in names]
+            table = pf.read(columns=cols)
+            data = {c: table.column(c).to_pylist() for c in cols}
     except Exception:  # unreadable or hostile listing: as if there were none
         return None
     written: dict[str, dict] = {}
+    failed: dict = {}
     n = len(data[key_col])
     for i in range(n):
         key, status = data[key_col][i], data["status"][i]
-        if not isinstance(key, str) or not key or status not in LISTING_SUCCESS or key in written:
-            continue
         uid = data["uid"][i] if "uid" in data else None
         url = data["url"][i] if "url" in data else None
-        written[_clean_name(key)] = {"uid": uid if isinstance(uid, str) and UID_PATTERN.match(uid) else None,
-                                     "url": _clean_name(url) if isinstance(url, str) else None}
-    return written
+        facts = {"uid": uid if isinstance(uid, str) and UID_PATTERN.match(uid) else None,
+                 "url": _clean_name(url) if isinstance(url, str) else None}
+        key = _clean_name(key) if isinstance(key, str) and key else None
+        if status in LISTING_SUCCESS:
+            if key is not None and key not in written:
+                written[key] = facts
+        elif shard.listing_failures and (key is None or key not in failed):
+            error = data.get("error_message", data.get("error", [None] * n))[i]
+            status_, reason, error = _listing_outcome(status, data["reason"][i] if "reason" in data else None, error)
+            failed[key if key is not None else ("\x00", i)] = (key, i, {**facts, "status": status_, "reason": reason,
+                                                                       "error": error})
+    rows = [v for v in failed.values() if v[0] is None or v[0] not in written]
+    return _Listing(written, sorted(rows, key=lambda r: (r[0] is None, r[0] or "", r[1])))
 
 
 # ------------------------------------------------------------------------- the plan
@@ -391,98 +564,109 @@ class _Entry:
     listed: dict | None = None
     reason: str | None = None
     error: str | None = None
+    status: str = "failed"
+    row: int | None = None      # a failed listing row without a key: its index
 
 
-def _entries(path: Path, caps: ReadCaps, want_data: bool) -> Iterator[_Entry]:
+def _entries(shard: ShardRef, caps: ReadCaps, want_data: bool) -> Iterator[_Entry]:
     """What read_shard yields, one entry per row (see the module docstring)."""
-    path = Path(path)
     state = _WalkState()
     n = 0
-    for sample in _walk(path, caps, want_data, state):
+    for sample in _walk(shard, caps, want_data, state):
         n += 1
         yield _Entry(sample=sample)
-    listing = _read_listing(path, caps)
-    missing = sorted(k for k in (listing or {}) if k not in state.keys)
+    listing = _read_listing(shard, caps)
+    written = listing.written if listing else {}
+    missing = sorted(k for k in written if k not in state.keys)
+    listing_name = shard.listing_url.rpartition("/")[2]
     if not state.opened:
         reason, why = "unreadable_shard", f"the tar could not be read: {state.stop_error}"
     elif state.stop_error:
         reason, why = "missing_from_shard", f"listed as written but not in the tar, which is cut short or corrupt: {state.stop_error}"
     else:
-        reason, why = "missing_from_shard", f"listed as written in {_listing_path(path).name} but not in the tar (the tar is short)"
+        reason, why = "missing_from_shard", f"listed as written in {listing_name} but not in the tar (the tar is short)"
     for key in missing:
         n += 1
-        yield _Entry(key=key, listed=listing[key], reason=reason, error=_one_line(why))
+        yield _Entry(key=key, listed=written[key], reason=reason, error=_one_line(why))
     if n == 0 and (not state.opened or state.stop_error):
         yield _Entry(reason="unreadable_shard",
-                     error=_one_line(f"raw shard {path.name} could not be read: {state.stop_error}"))
+                     error=_one_line(f"raw shard {shard.name} could not be read: {state.stop_error}"))
+    for key, i, facts in (listing.failed if listing else ()):
+        if key is not None and key in state.keys:
+            continue  # the tar has it after all: the sample is its row
+        yield _Entry(key=key, listed=facts, reason=facts["reason"], error=facts["error"], status=facts["status"],
+                     row=None if key is not None else i)
 
 
-def count_samples(path: Path, caps: ReadCaps = ReadCaps()) -> int:
-    """How many rows read_shard(path) yields. Reads headers only; never raises."""
+def count_samples(shard: ShardRef | Path | str, caps: ReadCaps = ReadCaps()) -> int:
+    """How many rows read_shard(shard) yields. Reads headers only; never raises."""
     try:
-        return sum(1 for _ in _entries(Path(path), caps, want_data=False))
+        return sum(1 for _ in _entries(as_shard(shard), caps, want_data=False))
     except Exception:  # pragma: no cover - _entries handles everything; the shard row is the fallback
         return 1
 
 
-def read_shard(path: Path, source: str, caps: ReadCaps = ReadCaps()) -> Iterator[tuple[dict, dict[str, bytes]]]:
-    """(row, files) for exactly count_samples(path) samples: tar order, then listed samples
-    missing from the tar sorted by key. files is {ext: bytes}, {} for a sample that could
-    not be read. Never raises on content: problems are failed rows."""
-    path = Path(path)
-    shard = path.name
-    for entry in _entries(path, caps, want_data=True):
+def read_shard(shard: ShardRef | Path | str, source: str, caps: ReadCaps = ReadCaps()
+               ) -> Iterator[tuple[dict, dict[str, bytes]]]:
+    """(row, files) for exactly count_samples(shard) samples: tar order, then listed
+    samples missing from the tar sorted by key, then (shard.listing_failures) the
+    listing's failed rows. files is {ext: bytes}, {} for a sample that could not be read.
+    Never raises on content: problems are failed rows."""
+    ref = as_shard(shard)
+    name = ref.name
+    for entry in _entries(ref, caps, want_data=True):
         s = entry.sample
         if s is not None and s.reason is None:
-            yield sample_row(shard, s.key, s.files, source), s.files
+            yield sample_row(name, s.key, s.files, source), s.files
         elif s is not None:
             if s.occurrence:
-                row = _blank_row(shard, s.key, source, make_uid(f"{source}/{shard}", f"{s.key}\x1f{s.occurrence}"))
+                row = _blank_row(name, s.key, source, make_uid(f"{source}/{name}", f"{s.key}\x1f{s.occurrence}"))
             else:  # the json, when it was read, still names the sample (uid, kind, url)
-                row = sample_row(shard, s.key, {"json": s.files["json"]} if "json" in s.files else {}, source)
+                row = sample_row(name, s.key, {"json": s.files["json"]} if "json" in s.files else {}, source)
                 row.update(media=None, num_bytes=None, image_bytes=b"", num_images=None, doc=None,
                            missing_images=None, doc_sha256=None, sha256=None)
             row.update(status="failed", reason=s.reason, error=s.error)
             yield row, {}
-        elif entry.key is not None:
-            listed = entry.listed or {}
-            row = _blank_row(shard, entry.key, source, listed.get("uid") or make_uid(f"{source}/{shard}", entry.key))
-            row.update(url=listed.get("url"), status="failed", reason=entry.reason, error=entry.error)
+        elif entry.listed is not None:
+            listed = entry.listed
+            position = entry.key if entry.row is None else f"<listing row {entry.row}>"
+            row = _blank_row(name, entry.key, source, listed.get("uid") or make_uid(f"{source}/{name}", position))
+            row.update(url=listed.get("url"), status=entry.status, reason=entry.reason, error=entry.error)
             yield row, {}
         else:
-            row = _blank_row(shard, None, source, make_uid(f"{source}/{shard}", SHARD_KEY))
+            row = _blank_row(name, None, source, make_uid(f"{source}/{name}", SHARD_KEY))
             row.update(status="failed", reason=entry.reason, error=entry.error)
             yield row, {}
 
 
-def scan_keys(path: Path) -> list[str]:
+def scan_keys(shard: ShardRef | Path | str) -> list[str]:
     """Sample keys in tar order (headers only). Raises InputError if the tar is unreadable,
     cut short, or a key repeats after other keys."""
-    path = Path(path)
+    ref = as_shard(shard)
     state = _WalkState()
     keys = []
-    for s in _walk(path, ReadCaps(), False, state):
+    for s in _walk(ref, ReadCaps(), False, state):
         if s.occurrence:
-            raise InputError(f"raw shard {path.name}: a sample's files are not contiguous (key {_show(s.key)} repeats); "
+            raise InputError(f"raw shard {ref.name}: a sample's files are not contiguous (key {_show(s.key)} repeats); "
                              "not a WebDataset tar")
         keys.append(s.key)
     if state.stop_error:
-        raise InputError(f"raw shard {path.name} is not a readable tar: {state.stop_error}")
+        raise InputError(f"raw shard {ref.name} is not a readable tar: {state.stop_error}")
     return keys
 
 
-def iter_samples(path: Path, caps: ReadCaps = ReadCaps()) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_samples(shard: ShardRef | Path | str, caps: ReadCaps = ReadCaps()) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) in tar order, for callers that need every sample whole (tier
     shards, training on trusted shards). Raises InputError at the first sample that cannot
     be read, or where the tar is unreadable or cut short."""
-    path = Path(path)
+    ref = as_shard(shard)
     state = _WalkState()
-    for s in _walk(path, caps, True, state):
+    for s in _walk(ref, caps, True, state):
         if s.reason is not None:
-            raise InputError(f"raw shard {path.name}: sample {_show(s.key)}: {s.reason}: {s.error}")
+            raise InputError(f"raw shard {ref.name}: sample {_show(s.key)}: {s.reason}: {s.error}")
         yield s.key, s.files
     if state.stop_error:
-        raise InputError(f"raw shard {path.name} is not a readable tar: {state.stop_error}")
+        raise InputError(f"raw shard {ref.name} is not a readable tar: {state.stop_error}")
 
 
 # ------------------------------------------------------------------------ sample rows
@@ -611,8 +795,9 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
     if isinstance(uid, str) and UID_PATTERN.match(uid):
         row["uid"] = uid
     kind = meta.get("kind")
-    if kind is None or kind == "":
-        kind = "image_text"
+    inferred = kind is None or kind == ""
+    if inferred:  # no json, or a producer that does not say: the members tell
+        kind = infer_kind(files)
     if not isinstance(kind, str) or kind not in KINDS:
         fail("unknown_kind", f"kind {_one_line(repr(kind), 50)} is not one of {list(KINDS)}")
         kind = "image_text"
@@ -623,7 +808,10 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
         row["url"] = _opt_str(meta, "url")
         caption = _opt_str(meta, "caption")
         raw_meta = meta.get("meta")
-        if raw_meta is None or isinstance(raw_meta, str):
+        extra = _producer_fields(meta)
+        if extra:
+            row["source_meta"] = _merged_meta(extra, raw_meta)
+        elif raw_meta is None or isinstance(raw_meta, str):
             row["source_meta"] = _utf8(raw_meta, "meta") if raw_meta is not None else None
         else:  # JSON already: keep it as its JSON text
             row["source_meta"] = json.dumps(raw_meta, sort_keys=True, allow_nan=False)
@@ -665,6 +853,8 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
             doc_id = meta.get("doc_id")
             if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
                 raise _Bad("bad_metadata", f"json field 'doc_id' must be a string, got {_type_name(doc_id)}")
+            if inferred and not items:  # a document without items: its images in order
+                items = [{"type": "image", "member": m} for m in media]
             row["missing_images"] = json.dumps(missing)
             row["doc"] = json.dumps({"doc_id": doc_id, "items": items}, allow_nan=False)
             texts = [it["text"] for it in items if isinstance(it.get("text"), str)]
@@ -691,5 +881,39 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
             fail(bad.reason, bad.error)
         row["sha256"] = _sha256_field(meta) or (hashlib.sha256(files[media[0]]).hexdigest() if media else None)
         if not media:
-            fail("no_video", "sample has no mp4/webm member")
+            fail("no_video", f"sample has no {'/'.join(VIDEO_EXTS)} member")
     return row
+
+
+def _producer_fields(meta: dict) -> dict:
+    """The json's fields this reader does not use (license, width, similarity, ...),
+    nulls left out. A value JSON cannot hold (a number out of range) is left out too."""
+    extra = {}
+    for k, v in meta.items():
+        if k in KNOWN_FIELDS or v is None:
+            continue
+        try:
+            json.dumps(v, allow_nan=False)
+        except (ValueError, RecursionError):
+            continue
+        extra[k] = v
+    return extra
+
+
+def _merged_meta(extra: dict, raw_meta) -> str:
+    """source_meta when the producer wrote fields of its own: one JSON object with them,
+    and the fields of `meta` (an object, or a string holding one) on top; any other
+    `meta` under the key "meta"."""
+    merged = dict(extra)
+    inner = raw_meta
+    if isinstance(raw_meta, str):
+        try:
+            parsed = json.loads(_utf8(raw_meta, "meta"), parse_constant=lambda _c: None, parse_int=_parse_int)
+        except (ValueError, RecursionError):
+            parsed = None
+        inner = parsed if isinstance(parsed, dict) else raw_meta
+    if isinstance(inner, dict):
+        merged.update(inner)
+    elif inner is not None:
+        merged["meta"] = inner
+    return json.dumps(merged, sort_keys=True, allow_nan=False)
