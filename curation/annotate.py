@@ -87,7 +87,7 @@ def read_raw_shards(batch: dict) -> Iterator[pa.Table]:
     schema = stage_schema([*rawshards.READ_COLUMNS, *(c for c in MEDIA_COLUMNS if c not in rawshards.READ_COLUMNS)])
     rows: list[dict] = []
     for path, source in zip(batch["path"], batch["source"]):
-        for row, files in rawshards.read_shard(Path(path), source):
+        for row, files in rawshards.read_shard(path, source):  # a shard token, url or path
             validate_media(row, files)
             rows.append({c: row.get(c) for c in schema.names})
             if len(rows) == READ_BLOCK_ROWS:
@@ -159,8 +159,9 @@ def write_parts(batch: pa.Table, parts_root: str, tiers, seed: int, declared: sc
                      "rows": pa.array(out["rows"], pa.int64())})
 
 
-def marker_path(annotated: Path, raw_shard: Path | str) -> Path:
-    return annotated / f"{Path(raw_shard).stem}.done.json"
+def marker_path(annotated: Path, raw_shard) -> Path:
+    """raw_shard: a ShardRef, a Path or a shard name."""
+    return annotated / f"{Path(getattr(raw_shard, 'name', raw_shard)).stem}.done.json"
 
 
 def committed_parts(annotated: Path, raw_shard: Path) -> list[Path]:
@@ -186,6 +187,7 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     from .runtime.ray_env import cluster_cpus, cluster_gpus, node_cpus, plan_pools
 
     annotated.mkdir(parents=True, exist_ok=True)
+    shards = [rawshards.as_shard(p) for p in shards]
     todo = [p for p in shards if not marker_path(annotated, p).exists()]
     for p in todo:  # whatever an interrupted attempt left behind is not acknowledged: start clean
         shutil.rmtree(annotated / p.stem, ignore_errors=True)
@@ -194,7 +196,7 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
     todo = [p for p in todo if counts[p.name] > 0]
     if not todo:
         return 0
-    ds = ray.data.from_items([{"path": str(p), "source": source} for p in todo], override_num_blocks=len(todo))
+    ds = ray.data.from_items([{"path": p.token(), "source": source} for p in todo], override_num_blocks=len(todo))
     nodes = node_cpus()
     # Readers claim no CPU: the fixed-size pools may take every CPU (e.g. a dead node's
     # actors restarted on the survivors), and a reader waiting for CPU would hang the job.
@@ -229,7 +231,7 @@ def run_stage_a(cfg: PipelineConfig, shards: list[Path], counts: dict[str, int],
         for stray in (annotated / p.stem).glob("*"):
             if stray.name not in listed:
                 stray.unlink()
-    return sum(p.stat().st_size for p in todo)
+    return sum(max(p.size, 0) for p in todo)
 
 
 class ClusterShrank(Exception):

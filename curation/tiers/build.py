@@ -28,6 +28,7 @@ from ..decide import Decision, sql_str
 from ..errors import NO_SPACE_ERRNOS, DiskFullError
 from ..fsutil import atomic_write_text
 from ..ops.clip import EMBEDDING_COLUMN
+from ..rawshards import as_shard
 from .card import write_card
 from .writer import write_manifest, write_shard
 
@@ -45,6 +46,7 @@ def read_picked(batch: dict, pending_path: str | None, stats_dir: str) -> Iterat
     from ..media import tier_members
 
     raw_path, picks_dir, source = batch["raw_path"][0], batch["picks"][0], batch["source"][0]
+    shard = rawshards.as_shard(raw_path)  # a shard token (inputs.ShardRef)
     parts = json.loads(batch["parts"][0])
     picks = pq.read_table(picks_dir).to_pandas()
     if pending_path:
@@ -59,7 +61,7 @@ def read_picked(batch: dict, pending_path: str | None, stats_dir: str) -> Iterat
                 if k in wanted and v is not None:
                     vectors[k] = v
     rows, size = [], 0
-    for row, files in rawshards.read_shard(Path(raw_path), source):
+    for row, files in rawshards.read_shard(shard, source):
         # Only a sample the reader kept can have been picked (a later duplicate of a key fails)
         where = wanted.get(row["raw_key"]) if row["status"] == "kept" else None
         if where is None:
@@ -73,7 +75,7 @@ def read_picked(batch: dict, pending_path: str | None, stats_dir: str) -> Iterat
             rows, size = [], 0
     if rows:
         yield pa.Table.from_pylist(rows, schema=MEDIA_SCHEMA)
-    atomic_write_text(Path(stats_dir) / f"{Path(raw_path).name}.json", json.dumps({"raw_bytes_read": Path(raw_path).stat().st_size}))
+    atomic_write_text(Path(stats_dir) / f"{shard.name}.json", json.dumps({"raw_bytes_read": max(shard.size, 0)}))
 
 
 def write_group(group: pa.Table, sidecars_dir: str, tiers_dir: str, entries_dir: str, declared: tuple = ()) -> pa.Table:
@@ -101,7 +103,7 @@ def write_group(group: pa.Table, sidecars_dir: str, tiers_dir: str, entries_dir:
     return pa.table({"shard_id": [shard_id], "samples": [entry["samples"]]})
 
 
-def build_tiers(cfg, decision: Decision, raw_shards: list[Path], parts: dict[str, list[Path]], out: Path,
+def build_tiers(cfg, decision: Decision, raw_shards: list, parts: dict[str, list[Path]], out: Path,
                 work: Path, source: str) -> tuple[dict[str, dict], int]:
     """Write every planned tier shard not yet written, then the manifests. Returns the
     manifests and the raw bytes read."""
@@ -129,7 +131,7 @@ def build_tiers(cfg, decision: Decision, raw_shards: list[Path], parts: dict[str
                                      ORDER BY raw_idx""").fetchall()
         else:
             needed = con.execute(f"SELECT DISTINCT raw_idx FROM read_parquet({picks_glob}, hive_partitioning = true) ORDER BY raw_idx").fetchall()
-        items = [{"raw_path": str(raw_shards[i]), "picks": str(decision.picks_path(i)), "source": source,
+        items = [{"raw_path": as_shard(raw_shards[i]).token(), "picks": str(decision.picks_path(i)), "source": source,
                   "parts": json.dumps([str(p) for p in parts[raw_shards[i].name]])} for (i,) in needed]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(read_picked, batch_size=1, num_cpus=READ_TASK_CPUS,
