@@ -27,22 +27,24 @@ from pathlib import Path
 from . import decide as stage_b
 from .annotate import BINARY_COLUMNS, ClusterShrank, committed_parts, run_stage_a
 from .config import PipelineConfig
-from .crawl import CRAWL_LEDGER_GLOB
 from .errors import NO_SPACE_ERRNOS, ConfigError, CurationError, DiskFullError, InputError, curation_error_in
 from .fsutil import atomic_write_text
-from .rawshards import count_samples, list_raw_shards
+from .inputs import RawInput, ShardRef, resolve_input
+from .rawshards import count_samples
 
 WORK = "_work"
 
 
-def _check_run_identity(work: Path, cfg: PipelineConfig, shards: list[Path], raw_dir: Path) -> None:
+def _check_run_identity(work: Path, cfg: PipelineConfig, raw: RawInput) -> None:
     """An output folder belongs to one recipe and one input. A finished run is never
     overwritten by another; an unfinished one (say, stopped by a recipe error found on
     real rows) is discarded when the recipe or input changed, so the fixed recipe can run
-    on the same --out: its intermediate state is useless to another config anyway."""
+    on the same --out: its intermediate state is useless to another config anyway. The
+    input is its shards' names and sizes (curation/inputs.py)."""
     identity = {"pipeline": cfg.name, "pipeline_path": str(Path(cfg.path).resolve()),
-                "config_hash": cfg.config_hash, "input": str(raw_dir.resolve()),
-                "raw_shards": {p.name: p.stat().st_size for p in shards},
+                "config_hash": cfg.config_hash, "input": raw.spec,
+                "crawl_ledgers": [str(p) for p in raw.crawl_ledgers],
+                "raw_shards": {p.name: p.size for p in raw.shards},
                 # What plan and export read later (config.for_output): no file or module needed.
                 "recipe": cfg.describe()}
     marker = work / "run.json"
@@ -56,7 +58,7 @@ def _check_run_identity(work: Path, cfg: PipelineConfig, shards: list[Path], raw
             if other_config:
                 raise ConfigError(f"{work.parent} holds a finished run of another pipeline config (hash "
                                   f"{previous.get('config_hash')}, now {cfg.config_hash}); use a new --out folder")
-            raise InputError(f"{work.parent} holds a finished run of other raw shards than {raw_dir}; use a new --out folder")
+            raise InputError(f"{work.parent} holds a finished run of other raw shards than {raw.spec}; use a new --out folder")
         print(f"curate: {work.parent} holds an unfinished run of another {'config' if other_config else 'input'}; "
               "starting over", file=sys.stderr)
         shutil.rmtree(work)
@@ -65,7 +67,7 @@ def _check_run_identity(work: Path, cfg: PipelineConfig, shards: list[Path], raw
     atomic_write_text(marker, json.dumps(identity, indent=2) + "\n")
 
 
-def count_all(shards: list[Path], annotated: Path) -> dict[str, int]:
+def count_all(shards: list[ShardRef], annotated: Path) -> dict[str, int]:
     """Samples per raw shard (what the ledger must account for): from the commit marker
     of a shard already annotated, else counted by parallel tasks (headers only; never
     raises: a bad shard is accounted for per sample)."""
@@ -131,13 +133,14 @@ def _restart_ray(address: str | None) -> None:
     start_ray(address)
 
 
-def run_pipeline(cfg: PipelineConfig, raw_dir: str | Path, out: str | Path, ray_address: str | None = None,
+def run_pipeline(cfg: PipelineConfig, raw_input: str | Path, out: str | Path, ray_address: str | None = None,
                  memory_limit: str = stage_b.DEFAULT_MEMORY_LIMIT) -> dict:
-    """Run (or resume) the curation job; returns the summary also written to summary.json.
+    """Run (or resume) the curation job over `raw_input` (a folder, glob, brace pattern or
+    s3:// url: curation/inputs.py); returns the summary also written to summary.json.
     An error the user can act on (a recipe bug found on real rows, a full disk), even one
     raised inside a Ray task, surfaces as one CurationError."""
     try:
-        return _run(cfg, Path(raw_dir), Path(out), ray_address, memory_limit)
+        return _run(cfg, str(raw_input), Path(out), ray_address, memory_limit)
     except CurationError:
         raise
     except Exception as exc:
@@ -150,13 +153,14 @@ def run_pipeline(cfg: PipelineConfig, raw_dir: str | Path, out: str | Path, ray_
         raise
 
 
-def _run(cfg: PipelineConfig, raw_dir: Path, out: Path, ray_address: str | None, memory_limit: str) -> dict:
+def _run(cfg: PipelineConfig, raw_input: str, out: Path, ray_address: str | None, memory_limit: str) -> dict:
     from .runtime.ray_env import start_ray
 
     t0 = time.time()
-    shards = list_raw_shards(raw_dir)
+    raw = resolve_input(raw_input)
+    shards = list(raw.shards)
     work = out / WORK
-    _check_run_identity(work, cfg, shards, raw_dir)
+    _check_run_identity(work, cfg, raw)
     if (out / "_SUCCESS").exists():
         return json.loads((out / "summary.json").read_text())
     start_ray(ray_address)
@@ -165,8 +169,8 @@ def _run(cfg: PipelineConfig, raw_dir: Path, out: Path, ray_address: str | None,
     counts = count_all(shards, annotated)
     n_raw = sum(counts.values())
     if not n_raw:
-        raise InputError(f"the raw shards in {raw_dir} hold no samples")
-    raw_read_a = with_replans(lambda: run_stage_a(cfg, shards, counts, annotated, source=raw_dir.name),
+        raise InputError(f"the raw shards of {raw.spec} hold no samples")
+    raw_read_a = with_replans(lambda: run_stage_a(cfg, shards, counts, annotated, source=raw.source),
                               lambda: _restart_ray(ray_address))
     t_a = time.time()
     parts = {p.name: committed_parts(annotated, p) for p in shards}
@@ -179,9 +183,9 @@ def _run(cfg: PipelineConfig, raw_dir: Path, out: Path, ray_address: str | None,
     t_b = time.time()
     from .tiers.build import build_tiers
 
-    manifests, raw_read_c = build_tiers(cfg, decision, shards, parts, out, work, source=raw_dir.name)
+    manifests, raw_read_c = build_tiers(cfg, decision, shards, parts, out, work, source=raw.source)
     t_c = time.time()
-    n_ledger = on_a_worker(stage_b.finalize_ledger, decision.ledger, sorted(raw_dir.glob(CRAWL_LEDGER_GLOB)),
+    n_ledger = on_a_worker(stage_b.finalize_ledger, decision.ledger, list(raw.crawl_ledgers),
                            out / "ledger.parquet", memory_limit=memory_limit)
     t_end = time.time()
 
@@ -189,7 +193,7 @@ def _run(cfg: PipelineConfig, raw_dir: Path, out: Path, ray_address: str | None,
         "pipeline": cfg.name,
         "config_hash": cfg.config_hash,
         "raw_samples": n_raw,
-        "raw_bytes": sum(p.stat().st_size for p in shards),
+        "raw_bytes": sum(max(p.size, 0) for p in shards),
         "curate": decision.counts,
         "ledger_rows": n_ledger,
         "by_stage_status_reason": stage_b.summary_rows([out / "ledger.parquet"]),
