@@ -316,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run (or resume) a curation pipeline over raw shards")
     r.add_argument("pipeline", help="pipeline YAML file, or the name of a bundled recipe (demo, llava_onevision)")
-    r.add_argument("--input", required=True, help="folder of raw shards (from curate crawl)")
+    r.add_argument("--input", required=True,
+                   help="raw shards (.tar, .tar.gz, .tgz): a folder (searched recursively; curate crawl's --out), "
+                        "a glob ('/data/**/*.tar'), a brace pattern ('/data/shard-{00000..00099}.tar'), or "
+                        "s3://bucket/prefix/ (endpoint from AWS_ENDPOINT_URL); see README, Bring your own data")
     r.add_argument("--out", required=True, help="output folder; running again on it resumes")
     r.add_argument("--ray-address", help="Ray cluster address (default: start Ray locally)")
     r.add_argument("--memory-limit", default="512MB", type=_memory_size,
