@@ -73,7 +73,7 @@ as the document's items, else image_text); a video's facts then come from the fi
 (media.tier_members probes it when stage A validates the media). A uid that is not ours
 (a number, another format) is not an error: the row gets the uid derived from its place.
 source_meta is `meta` as it was written (a string as is, JSON as its text), unless
-the json has fields of the producer's own (any non-null field not in KNOWN_FIELDS:
+the json has fields of the producer's own (any non-empty field not in KNOWN_FIELDS:
 license, width, original_width, similarity, ...): then it is one JSON object of them
 with meta's fields on top (meta that is not an object goes under "meta"). A sha256 that is not 64 hex chars is ignored and recomputed from the content:
 a video's bytes, or for a document every image in order plus its text items and caption
@@ -886,11 +886,13 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
 
 
 def _producer_fields(meta: dict) -> dict:
-    """The json's fields this reader does not use (license, width, similarity, ...),
-    nulls left out. A value JSON cannot hold (a number out of range) is left out too."""
+    """The json's fields this reader does not use (license, width, similarity, ...).
+    Empty values (null, "", [], {}, and "{}": img2dataset writes exif as "{}" when an
+    image has none) say nothing and are left out; so is a value JSON cannot hold (a
+    number out of range)."""
     extra = {}
     for k, v in meta.items():
-        if k in KNOWN_FIELDS or v is None:
+        if k in KNOWN_FIELDS or v is None or v in ("", "{}") or (isinstance(v, (list, dict)) and not v):
             continue
         try:
             json.dumps(v, allow_nan=False)

@@ -95,7 +95,7 @@ def img2dataset_shard(folder: Path, rng, stem: str = "00000") -> dict:
         if status == "success":
             meta = {"url": f"http://img.invalid/{key}.jpg", "caption": "a picture of a thing", "key": key,
                     "status": "success", "error_message": None, "width": 40, "height": 30, "original_width": 128,
-                    "original_height": 96, "exif": None, "sha256": None, "license": "cc-by-4.0", "similarity": 0.31}
+                    "original_height": 96, "exif": "{}", "sha256": None, "license": "cc-by-4.0", "similarity": 0.31}
             members += [(f"{key}.jpg", jpeg(rng, 40, 30)), (f"{key}.txt", b"a picture of a thing"),
                         (f"{key}.json", json.dumps(meta).encode())]
     write(folder / f"{stem}.tar", members)
@@ -251,14 +251,14 @@ def test_producer_meta_merges_with_our_meta(tmp_path):
     samples = [("a.jpg", b"\xff\xd8x"), ("a.json", json.dumps({"license": "mit", "meta": '{"qa": [1]}'}).encode()),
                ("b.jpg", b"\xff\xd8y"), ("b.json", json.dumps({"license": "mit", "meta": "free text"}).encode()),
                ("c.jpg", b"\xff\xd8z"), ("c.json", json.dumps({"meta": {"qa": [2]}, "score": None}).encode()),
-               ("d.jpg", b"\xff\xd8w"), ("d.json", b'{"license": "x", "huge": 1e999}')]
+               ("d.jpg", b"\xff\xd8w"), ("d.json", b'{"license": "x", "huge": 1e999, "exif": "{}", "tags": []}')]
     out = rows_of(write(tmp_path / "m.tar", samples))
     metas = [r["source_meta"] for r, _ in out]
     assert [r["status"] for r, _ in out] == ["kept"] * 4
     assert json.loads(metas[0]) == {"license": "mit", "qa": [1]}
     assert json.loads(metas[1]) == {"license": "mit", "meta": "free text"}
     assert metas[2] == '{"qa": [2]}'  # nothing of the producer's own: as before
-    assert json.loads(metas[3]) == {"license": "x"}  # a value JSON cannot hold is left out
+    assert json.loads(metas[3]) == {"license": "x"}  # empty values, and one JSON cannot hold, are left out
 
 
 def test_kinds_are_told_by_the_members_when_no_json_says(tmp_path):
