@@ -16,7 +16,7 @@ Accepted inputs (raw shards are files ending in .tar, .tar.gz or .tgz):
   comes from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, the region from AWS_REGION or
   AWS_DEFAULT_REGION (default us-east-1), credentials from the AWS SDK's usual chain.
   Shards are read streamed, in ranged reads of STREAM_BUFFER bytes; nothing is downloaded
-  whole.
+  whole. A network failure is raised (ShardIOError), never recorded as bad data.
 
 Every shard gets a NAME that is unique and stable: its path relative to the input's root
 (the folder, the pattern's folder part, or the bucket prefix) with "/" and the characters
@@ -57,6 +57,17 @@ TOKEN_PREFIX = "shard-ref:"
 _GLOB_CHARS = frozenset("*?[")
 _UNSAFE_NAME_CHARS = re.compile(r"[%/\\*?\[\]\x00-\x1f\x7f]")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
+
+
+class ShardIOError(InputError):
+    """An object store shard or listing could not be read (after the AWS SDK's own
+    retries). Raised, never turned into ledger rows: a network failure says nothing about
+    the data, and a shard read halfway would disagree with its count. The task fails;
+    running the same command again resumes."""
+
+
+def _io_error(ref_url: str, exc: BaseException) -> ShardIOError:
+    return ShardIOError(f"cannot read {ref_url}: {' '.join(str(exc).split())[:300]}; run the same command again to resume")
 
 
 @dataclass(frozen=True)
@@ -486,8 +497,8 @@ class _RemoteRaw(io.RawIOBase):
     """A pyarrow RandomAccessFile as a raw Python stream, so io.BufferedReader can turn
     the reader's small reads into ranged GETs of STREAM_BUFFER bytes."""
 
-    def __init__(self, f):
-        self._f = f
+    def __init__(self, f, url: str):
+        self._f, self._url = f, url
 
     def readable(self) -> bool:
         return True
@@ -496,7 +507,10 @@ class _RemoteRaw(io.RawIOBase):
         return True
 
     def readinto(self, b) -> int:
-        data = self._f.read(len(b))
+        try:
+            data = self._f.read(len(b))
+        except OSError as exc:
+            raise _io_error(self._url, exc) from None
         b[: len(data)] = data
         return len(data)
 
@@ -516,8 +530,12 @@ def open_shard(ref: ShardRef) -> tuple[io.BufferedReader, int]:
     """(a seekable buffered binary stream over the shard, its size in bytes)."""
     if ref.remote:
         bucket, key = _split_s3(ref.url)
-        f = s3_filesystem(ref.endpoint, ref.region).open_input_file(f"{bucket}/{key}")
-        return io.BufferedReader(_RemoteRaw(f), buffer_size=STREAM_BUFFER), f.size()
+        try:
+            f = s3_filesystem(ref.endpoint, ref.region).open_input_file(f"{bucket}/{key}")
+            size = f.size()
+        except OSError as exc:  # gone since it was listed, no access, no network
+            raise _io_error(ref.url, exc) from None
+        return io.BufferedReader(_RemoteRaw(f, ref.url), buffer_size=STREAM_BUFFER), size
     f = open(ref.url, "rb")
     try:
         return f, os.fstat(f.fileno()).st_size
@@ -534,9 +552,15 @@ def open_listing(ref: ShardRef):
 
         bucket, key = _split_s3(url)
         filesystem = s3_filesystem(ref.endpoint, ref.region)
-        if filesystem.get_file_info(f"{bucket}/{key}").type != fs.FileType.File:
-            return None
-        return filesystem.open_input_file(f"{bucket}/{key}")
+        try:
+            if filesystem.get_file_info(f"{bucket}/{key}").type != fs.FileType.File:
+                return None
+            f = filesystem.open_input_file(f"{bucket}/{key}")
+        except OSError as exc:
+            raise _io_error(url, exc) from None
+        # through _RemoteRaw, so that a network failure while parquet reads is a
+        # ShardIOError and not one of the OSErrors a garbage listing gives
+        return io.BufferedReader(_RemoteRaw(f, url), buffer_size=1 << 20)
     if not os.path.isfile(url):
         return None
     return open(url, "rb")

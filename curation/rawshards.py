@@ -97,7 +97,7 @@ from typing import Any, Iterator
 
 from .errors import InputError
 from .ids import make_uid
-from .inputs import ShardRef, as_shard, open_listing, open_shard
+from .inputs import ShardIOError, ShardRef, as_shard, open_listing, open_shard
 
 # Columns every raw sample starts with, whatever its kind, so Ray blocks from shards of
 # different kinds share one schema. Operators add their outputs to these.
@@ -409,6 +409,8 @@ def _walk(shard: ShardRef, caps: ReadCaps, want_data: bool, state: _WalkState) -
     with the same failures, come out whether or not data is read (want_data)."""
     try:
         tar, closers = _open_tar(shard, caps)
+    except ShardIOError:
+        raise
     except Exception as exc:  # not a tar, empty, unreadable file, hostile first header
         _stopped(state, exc, shard)
         return
@@ -422,6 +424,8 @@ def _walk(shard: ShardRef, caps: ReadCaps, want_data: bool, state: _WalkState) -
         while True:
             try:
                 member = tar.next()
+            except ShardIOError:
+                raise
             except Exception as exc:
                 _stopped(state, exc, shard)
                 break
@@ -470,6 +474,8 @@ def _walk(shard: ShardRef, caps: ReadCaps, want_data: bool, state: _WalkState) -
                     cur.files[ext] = _read_data(fileobj, member)
                 elif compressed:
                     _skip_data(fileobj, member)
+            except ShardIOError:
+                raise
             except Exception as exc:
                 _stopped(state, exc, shard)
                 break
@@ -532,6 +538,8 @@ def _read_listing(shard: ShardRef, caps: ReadCaps) -> _Listing | None:
                 cols += [c for c in ("error_message", "error", "reason") if c in names]
             table = pf.read(columns=cols)
             data = {c: table.column(c).to_pylist() for c in cols}
+    except ShardIOError:  # the network, not the listing (inputs.ShardIOError)
+        raise
     except Exception:  # unreadable or hostile listing: as if there were none
         return None
     written: dict[str, dict] = {}
@@ -602,6 +610,8 @@ def count_samples(shard: ShardRef | Path | str, caps: ReadCaps = ReadCaps()) -> 
     """How many rows read_shard(shard) yields. Reads headers only; never raises."""
     try:
         return sum(1 for _ in _entries(as_shard(shard), caps, want_data=False))
+    except ShardIOError:
+        raise
     except Exception:  # pragma: no cover - _entries handles everything; the shard row is the fallback
         return 1
 

@@ -309,6 +309,40 @@ def test_a_gzip_bomb_costs_only_its_shard(tmp_path):
 
 
 # ------------------------------------------------------------------------------ s3
+class FlakyObject(io.BytesIO):
+    """An object store file whose connection drops after `good` bytes."""
+
+    def __init__(self, data: bytes, good: int):
+        super().__init__(data)
+        self.good = good
+
+    def size(self) -> int:
+        return len(self.getvalue())
+
+    def read(self, n=-1):
+        if self.tell() + (n if n >= 0 else self.size()) > self.good:
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection reset")
+        return super().read(n)
+
+
+def test_a_connection_lost_mid_shard_is_raised_not_recorded(monkeypatch):
+    rng = np.random.default_rng(9)
+    data = tar_bytes(image_samples(rng, [f"k{i}" for i in range(20)]))
+
+    class FlakyStore:
+        def open_input_file(self, path):
+            return FlakyObject(data, good=len(data) // 2)
+
+    monkeypatch.setattr(inputs, "s3_filesystem", lambda endpoint, region: FlakyStore())
+    monkeypatch.setattr(inputs, "STREAM_BUFFER", 4096)  # ranged reads small enough to drop halfway
+    ref = ShardRef(name="f.tar", url="s3://bkt/f.tar", size=len(data))
+    read = []
+    with pytest.raises(inputs.ShardIOError, match="cannot read s3://bkt/f.tar: .*connection reset.*run the same command"):
+        for row, _ in read_shard(ref, SRC):
+            read.append(row["status"])
+    assert 0 < len(read) < 20 and set(read) == {"kept"}  # no truncated_member row for the network's fault
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -354,6 +388,7 @@ def test_s3_prefix_glob_and_brace_read_streamed(tmp_path, s3, monkeypatch):
     expected = img2dataset_shard(tmp_path / "raw" / "i2d", rng)
     big = [("big.jpg", b"\xff\xd8" + bytes(rng.integers(0, 255, 24 << 20, dtype=np.uint8))), ("big.txt", b"too big")]
     write(tmp_path / "raw" / "big.tar", image_samples(rng, ["before"]) + big + image_samples(rng, ["after"]))
+    (tmp_path / "raw" / "sub1" / "x.parquet").write_bytes(b"not parquet" * 100)  # a garbage listing: ignored
     upload(filesystem, tmp_path / "raw", "bkt/data/raw")
 
     raw = resolve_input("s3://bkt/data/raw/")
@@ -376,6 +411,15 @@ def test_s3_prefix_glob_and_brace_read_streamed(tmp_path, s3, monkeypatch):
     out = list(read_shard(raw.shards[0], SRC, ReadCaps(max_member_bytes=1 << 20)))
     assert [(r["raw_key"], r["reason"]) for r, _ in out] == [("before", None), ("big", "member_too_large"), ("after", None)]
     assert sum(fetched) < 2 * inputs.STREAM_BUFFER + (1 << 20) < raw.shards[0].size
+
+    # a network failure (here: the object gone since the listing) is raised, never rows:
+    # the task fails and a re-run resumes, instead of a shard read halfway
+    filesystem.delete_file("bkt/data/raw/top.tar")
+    top = next(s for s in raw.shards if s.name == "top.tar")
+    with pytest.raises(inputs.ShardIOError, match="s3://bkt/data/raw/top.tar"):
+        list(read_shard(top, SRC))
+    with pytest.raises(inputs.ShardIOError):
+        count_samples(top)
 
     by_glob = resolve_input("s3://bkt/data/raw/**/x.tar")
     assert [s.name for s in by_glob.shards] == ["sub1%2Fx.tar", "sub2%2Fx.tar"]
