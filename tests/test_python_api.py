@@ -331,7 +331,7 @@ def test_a_users_operator_adds_a_typed_column_that_duckdb_reads(green_run):
     assert recorded["columns"] == {"green_share": "number", "green_pixels": "integer"}
 
 
-def test_curate_plan_works_on_a_run_started_from_python(green_run):
+def test_curate_plan_and_export_work_on_a_run_started_from_python(green_run, tmp_path):
     """The CLI process cannot import the user's module and has no recipe file: the plan
     comes from the recipe the run recorded, and matches the one made in Python."""
     out, result = green_run
@@ -345,3 +345,6 @@ def test_curate_plan_works_on_a_run_started_from_python(green_run):
     query = curate("query", "SELECT count(*) FILTER (WHERE green_share >= 0.05) FROM samples", "--root", out,
                    "--format", "csv")
     assert query.stdout.strip().splitlines()[-1] == str(greenish)
+    # A stage export reads the same recorded recipe, and holds exactly the plan's samples.
+    exported = curate("export", "sharegpt", "--root", out, "--stage", "warmup", "--out", tmp_path / "lf")
+    assert f"exported {plan['stages'][0]['totals']['samples']} samples" in exported.stdout
