@@ -83,6 +83,9 @@ class Operator:
     # Columns that must exist before this operator runs: written by an earlier operator
     # or by the reader (curation.rawshards.READ_COLUMNS). config.parse checks them.
     requires: ClassVar[tuple[str, ...]] = ()
+    # Ledger reasons this operator may give a sample it drops or fails (besides
+    # `<name>_error`); curate report places them in the funnel at this operator.
+    reasons: ClassVar[tuple[str, ...]] = ()
 
     @dataclasses.dataclass
     class Params:

@@ -129,6 +129,7 @@ def _scene_frames(data: bytes, scenes_json) -> tuple[list[list[float]], list[flo
 @register
 class Caption(MapOp):
     name = "caption"
+    reasons = ("caption_input_error",)
     version = "1"
     kinds = ("image_text", "interleaved", "video")  # documents: their first image
     fusable = False  # a model: its own actor pool, built once per actor

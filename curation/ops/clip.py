@@ -41,6 +41,7 @@ def _device(choice: str) -> str:
 @register
 class ClipScore(MapOp):
     name = "clip_score"
+    reasons = ("clip_score_low",)
     version = "1"
     kinds = ("image_text",)
     fusable = False  # a model: its own actor pool, loaded once per actor
@@ -127,6 +128,7 @@ class ClipTopFraction(GlobalOp):
     ties at the cut are broken by uid so the result never depends on row order."""
 
     name = "clip_top_fraction"
+    reasons = ("clip_score_rank",)
     version = "1"
     requires = ("clip_score",)
 

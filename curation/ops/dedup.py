@@ -37,6 +37,7 @@ class ExactDedup(GlobalOp):
     """Byte-identical media (same sha256; a document's hash covers all its images)."""
 
     name = "exact_dedup"
+    reasons = ("duplicate_exact",)
     version = "1"
     requires = ("sha256",)
 
@@ -59,6 +60,7 @@ class NearDedup(GlobalOp):
     Run after exact_dedup so byte-identical copies say so."""
 
     name = "near_dedup"
+    reasons = ("duplicate_near",)
     version = "1"
     requires = ("phash",)
 
@@ -126,6 +128,7 @@ class SemanticDedup(GlobalOp):
     within-cluster comparisons run as one task."""
 
     name = "semantic_dedup"
+    reasons = ("duplicate_semantic",)
     version = "1"
     requires = ("clip_embedding",)  # clip.EMBEDDING_COLUMN: clip_score with keep_embeddings: true
 

@@ -139,6 +139,7 @@ def split_scenes(times: list[float], frames: list[np.ndarray], end: float, thres
 @register
 class VideoFrames(MapOp):
     name = "video_frames"
+    reasons = ("video_decode_error",)
     version = "1"
     kinds = ("video",)
     fusable = False  # decoding is heavy: its own actor pool

@@ -71,6 +71,7 @@ class DecodeImage(MapOp):
     decompressed), or bytes that do not decode (decode_error, with the cause)."""
 
     name = "decode_image"
+    reasons = ("no_image", "too_many_pixels", "decode_error")
     version = "2"
     outputs = ("width", "height", "image_format", "source_format", "conversion", "num_bytes", "sha256")
     kinds = ("image_text", "interleaved")  # a document's first image; tier_members checks the others
@@ -149,6 +150,7 @@ class ImageQuality(MapOp):
     """Drop images that are too small, too large or too elongated to train on."""
 
     name = "image_quality"
+    reasons = ("too_small", "too_large", "bad_aspect_ratio")
     version = "1"
     requires = ("width", "height")  # decode_image: the image was decoded within the pixel cap
     kinds = ("image_text", "interleaved")

@@ -18,6 +18,7 @@ LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
 @register
 class LanguageId(MapOp):
     name = "language"
+    reasons = ("language",)
     version = "1"
     resources = Resources(num_cpus=0.25, batch_size=256)  # cheap: leaves CPU to model stages
     outputs = ("language", "language_score")

@@ -70,6 +70,7 @@ class NudeNetScorer:
 @register
 class Nsfw(MapOp):
     name = "nsfw"
+    reasons = ("nsfw", "nsfw_input_error")
     version = "1"
     kinds = ("image_text", "interleaved")  # a document's first image
     fusable = False  # a model: its own actor pool, built once per actor

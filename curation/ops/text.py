@@ -15,6 +15,7 @@ class CaptionLength(MapOp):
     """Drop samples whose caption is missing, or shorter/longer than the word limits."""
 
     name = "caption_length"
+    reasons = ("no_caption", "caption_too_short", "caption_too_long")
     version = "1"
     kinds = ("image_text", "video")  # documents carry long text by nature
 

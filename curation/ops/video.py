@@ -15,6 +15,7 @@ class VideoQuality(MapOp):
     """Drop clips that are too short, too long or too small to train on."""
 
     name = "video_quality"
+    reasons = ("unknown_duration", "video_too_short", "video_too_long", "too_small")
     version = "1"
     kinds = ("video",)
     requires = ("duration",)  # the crawl's probe (width and height too, for videos)
