@@ -201,10 +201,10 @@ def _run(cfg: PipelineConfig, raw_input: str, out: Path, ray_address: str | None
         # Per stage of this invocation (a resumed run shows only the work it redid).
         "stages": {
             "annotate": {"seconds": round(t_a - t_start, 2), "samples": n_raw, "raw_bytes_read": raw_read_a},
-            "decide": {"seconds": round(t_b - t_a, 2)},
+            "decide": {"seconds": round(t_b - t_a, 2), "samples": n_raw},
             "write": {"seconds": round(t_c - t_b, 2), "samples": sum(m["num_samples"] for m in manifests.values()),
                       "raw_bytes_read": raw_read_c},
-            "ledger": {"seconds": round(t_end - t_c, 2)},
+            "ledger": {"seconds": round(t_end - t_c, 2), "samples": n_ledger},
         },
         "startup_seconds": round(t_start - t0, 2),
         "seconds": round(time.time() - t0, 2),
