@@ -114,10 +114,10 @@ def load_samples(con: duckdb.DuckDBPyConnection, annotated: list[Path], binary_c
     flags = "".join(f', "{c}" IS NOT NULL AS "has_{c}"' for c in binary_columns if c in columns)
     con.execute(f"""CREATE TABLE samples AS SELECT {select}{flags}
                     FROM read_parquet({sql_list(annotated)}, union_by_name = true)""")
-    for col in ("dup_of", "tier", "shard", "key", "tier_rank", "error", "reason"):
+    for col in ("dup_of", "tier", "shard", "key", "tier_rank", "error", "reason", "stage"):
         if col not in keep:
             con.execute(f'ALTER TABLE samples ADD COLUMN "{col}" VARCHAR')
-    return set(keep) | {"dup_of", "tier", "shard", "key", "tier_rank"}
+    return set(keep) | {"dup_of", "tier", "shard", "key", "tier_rank", "stage"}
 
 
 def resolve_uid_conflicts(con: duckdb.DuckDBPyConnection) -> int:
@@ -135,7 +135,7 @@ def resolve_uid_conflicts(con: duckdb.DuckDBPyConnection) -> int:
     if n:
         con.execute("""
             UPDATE samples SET uid = substr(md5('duplicate_uid/' || c.raw_shard || '/' || c.raw_key), 1, 16),
-                   status = 'failed', reason = 'duplicate_uid',
+                   status = 'failed', reason = 'duplicate_uid', stage = NULL,
                    error = 'uid ' || c.claimed || ' is also claimed by ' || c.holder
             FROM _conflicts c
             WHERE samples.raw_shard = c.raw_shard AND samples.raw_key = c.raw_key AND c.rn > 1""")
@@ -340,8 +340,8 @@ def export(con: duckdb.DuckDBPyConnection, folder: Path, raw_names: list[str], l
                     TO {sql_str(str(folder / 'sidecars'))} (FORMAT parquet, PARTITION_BY (shard_id))""")
     ledger_exprs = []
     for col in schemas.columns("ledger"):
-        if col == "stage":
-            ledger_exprs.append("'curate' AS stage")
+        if col == "stage":  # the reader says "crawl" for a crawler's failure rows (rawshards rule 5)
+            ledger_exprs.append("coalesce(stage, 'curate') AS stage")
         elif col in ("tier", "shard"):  # only kept samples sit in a tier shard
             ledger_exprs.append(f'CASE WHEN status = \'kept\' THEN "{col}" END AS "{col}"')
         elif col in present:

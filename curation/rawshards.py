@@ -57,7 +57,9 @@ it predicts `read_shard` exactly):
    error_message; our crawl's listing keeps its own status, reason and error; any
    other status fails `crawl_failed`. The url and uid come from the listing (uid as in
    rule 3; a row without a key: make_uid(source/shard, "<listing row i>")). A key listed
-   twice counts once. A local path is read without them (our crawl's ledger has them).
+   twice counts once. These rows are the crawler's outcomes: their `stage` is "crawl"
+   (every other row's is None: curate). A local path is read without them (our crawl's
+   ledger has them).
 
 Metadata (`sample_row`, which never raises): the json member must be UTF-8 and a JSON
 object (else `bad_metadata`; too deep nesting too). NaN/Infinity become null (pandas
@@ -103,7 +105,8 @@ from .inputs import ShardIOError, ShardRef, as_shard, open_listing, open_shard
 # different kinds share one schema. Operators add their outputs to these.
 READ_COLUMNS = ("uid", "kind", "source", "url", "text", "source_meta", "raw_shard", "raw_key", "status", "reason",
                 "error", "media", "image_bytes", "num_images", "missing_images", "doc", "doc_sha256", "duration",
-                "fps", "num_frames", "codec", "width", "height", "sha256", "num_bytes")
+                "fps", "num_frames", "codec", "width", "height", "sha256", "num_bytes",
+                "stage")  # "crawl" for a listing's failed rows (rule 5), else None: the ledger's stage
 KINDS = ("image_text", "interleaved", "video")
 UID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -574,6 +577,7 @@ class _Entry:
     error: str | None = None
     status: str = "failed"
     row: int | None = None      # a failed listing row without a key: its index
+    crawl: bool = False         # a listing's failed row: the crawler's outcome (ledger stage crawl)
 
 
 def _entries(shard: ShardRef, caps: ReadCaps, want_data: bool) -> Iterator[_Entry]:
@@ -603,7 +607,7 @@ def _entries(shard: ShardRef, caps: ReadCaps, want_data: bool) -> Iterator[_Entr
         if key is not None and key in state.keys:
             continue  # the tar has it after all: the sample is its row
         yield _Entry(key=key, listed=facts, reason=facts["reason"], error=facts["error"], status=facts["status"],
-                     row=None if key is not None else i)
+                     row=None if key is not None else i, crawl=True)
 
 
 def count_samples(shard: ShardRef | Path | str, caps: ReadCaps = ReadCaps()) -> int:
@@ -641,7 +645,8 @@ def read_shard(shard: ShardRef | Path | str, source: str, caps: ReadCaps = ReadC
             listed = entry.listed
             position = entry.key if entry.row is None else f"<listing row {entry.row}>"
             row = _blank_row(name, entry.key, source, listed.get("uid") or make_uid(f"{source}/{name}", position))
-            row.update(url=listed.get("url"), status=entry.status, reason=entry.reason, error=entry.error)
+            row.update(url=listed.get("url"), status=entry.status, reason=entry.reason, error=entry.error,
+                       stage="crawl" if entry.crawl else None)
             yield row, {}
         else:
             row = _blank_row(name, None, source, make_uid(f"{source}/{name}", SHARD_KEY))

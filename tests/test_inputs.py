@@ -243,8 +243,40 @@ def test_img2dataset_failures_become_rows_and_producer_fields_are_kept(tmp_path)
         else:
             assert (row["status"], row["reason"], row["error"]) == (
                 "failed", {"failed_to_download": "download_error", "failed_to_resize": "decode_error"}[status], error)
+        assert row["stage"] == (None if status == "success" else "crawl")  # img2dataset's outcome, not ours
     # read as a plain path (as before: our crawl's ledger accounts for the failures), not rows
     assert len(rows_of(tmp_path / "i2d" / "00000.tar")) == 3
+
+
+def test_img2dataset_failures_enter_the_ledger_as_crawl_rows_once(tmp_path):
+    """Stage B (without Ray) over the reader's rows of two img2dataset shards: the failed
+    urls keep stage crawl in the ledger, the rest are curate's, every uid exactly once."""
+    from curation import config
+    from curation.annotate import BINARY_COLUMNS, stage_schema
+    from curation.decide import decide
+    from curation.rawshards import READ_COLUMNS
+
+    rng = np.random.default_rng(3)
+    expected = img2dataset_shard(tmp_path / "i2d", rng)
+    img2dataset_shard(tmp_path / "i2d", rng, stem="00001")
+    shards = resolve_input(tmp_path / "i2d").shards
+    schema = stage_schema(list(READ_COLUMNS))
+    parts = []
+    for i, shard in enumerate(shards):
+        rows = [{c: r.get(c) for c in schema.names} for r, _ in read_shard(shard, SRC)]
+        parts.append(tmp_path / f"part{i}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), parts[-1])
+    cfg = config.parse({"name": "t", "ops": [{"op": "decode_image"}], "tiers": [{"name": "all", "where": "true"}]})
+    decision = decide(cfg, parts, [s.name for s in shards], tmp_path / "work", binary_columns=BINARY_COLUMNS)
+    ledger = pq.read_table(decision.ledger).to_pylist()
+    assert len(ledger) == len({r["uid"] for r in ledger}) == 2 * len(expected)
+    got = sorted((r["raw_shard"], r["raw_key"], r["stage"], r["status"], r["reason"]) for r in ledger)
+    want = sorted((f"{stem}.tar", key, "curate" if status == "success" else "crawl",
+                   "dropped" if status == "success" else "failed",  # dropped: unrouted (stage A routes)
+                   "unrouted" if status == "success" else
+                   {"failed_to_download": "download_error", "failed_to_resize": "decode_error"}[status])
+                  for stem in ("00000", "00001") for key, (status, _) in expected.items())
+    assert got == want
 
 
 def test_producer_meta_merges_with_our_meta(tmp_path):
@@ -475,8 +507,8 @@ def test_curate_run_over_a_mixed_s3_prefix(tmp_path, s3):
     assert ledger[("c%2Fmore.tar.gz", "g0")]["status"] == "kept" and ledger[("d.tgz", "t1")]["status"] == "kept"
     fails = {k[1]: (r["stage"], r["status"], r["reason"], r["url"]) for k, r in ledger.items()
              if k[0] == "i2d%2F00000.tar" and r["status"] == "failed"}
-    assert fails == {"000000001": ("curate", "failed", "download_error", "http://img.invalid/000000001.jpg"),
-                     "000000003": ("curate", "failed", "decode_error", "http://img.invalid/000000003.jpg")}
+    assert fails == {"000000001": ("crawl", "failed", "download_error", "http://img.invalid/000000001.jpg"),
+                     "000000003": ("crawl", "failed", "decode_error", "http://img.invalid/000000003.jpg")}
     assert ledger[("bomb.tar.gz", "good")]["status"] == "kept"
     assert ledger[("bomb.tar.gz", "bomb")]["reason"] == "decompressed_too_large"
     assert ledger[("kinds.tar", "doc")]["status"] == "kept" and ledger[("kinds.tar", "clip")]["status"] == "kept"
