@@ -239,6 +239,12 @@ def cmd_report(args) -> None:
     print(write_report(args.root))
 
 
+def cmd_browse(args) -> None:
+    from .browse import serve
+
+    serve(args.root, host=args.host, port=args.port)
+
+
 def cmd_query(args) -> None:
     import duckdb
 
@@ -382,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write report.html (plots of outcomes, tiers, distributions) for a run")
     rp.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
     rp.set_defaults(func=cmd_report)
+
+    br = sub.add_parser("browse", help="serve a local web app to filter and look at samples, ledger rows and media")
+    br.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
+    br.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    br.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 picks a free one)")
+    br.set_defaults(func=cmd_browse)
 
     q = sub.add_parser("query", help="SQL over samples, ledger and shards (DuckDB)")
     q.add_argument("sql")
