@@ -1,6 +1,6 @@
 """DuckDB over a run's output: views `samples` (every sidecar row), `ledger` (every
-input once), `shards` (one row per tar from the manifests) and, when the raw folder
-is known, `crawl_ledger`. Usable from the CLI (`curate query`) and from Python:
+input once), `shards` (one row per tar from the manifests) and, when the run merged
+our crawl's ledgers (its run.json lists them), `crawl_ledger`. Usable from the CLI (`curate query`) and from Python:
 
     from curation.catalog import connect
     con = connect("shards/demo")
@@ -16,6 +16,7 @@ statement: SELECT (WITH, FROM, VALUES, TABLE, DESCRIBE, SHOW, SUMMARIZE) or EXPL
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from pathlib import Path
@@ -59,16 +60,19 @@ def shards_frame(run_root: Path) -> pd.DataFrame:
 
 
 def _crawl_ledgers(run_root: Path) -> list[Path]:
-    run_info = run_root / "_work" / "run.json"
-    if not run_info.exists():
-        return []
+    """The crawl ledgers the run merged into its ledger, as its run.json recorded them
+    (inputs.RawInput.crawl_ledgers: those of our crawl's folder given as --input; none
+    for a glob, a single shard or s3://, whose shards' listings stood in for them).
+    Only files named like a crawl ledger, and only those that still exist."""
     try:
-        raw_dir = json.loads(run_info.read_text()).get("input")
-    except (ValueError, AttributeError):
+        info = json.loads((run_root / "_work" / "run.json").read_text())
+    except (OSError, ValueError):
         return []
-    if not isinstance(raw_dir, str) or not raw_dir:
+    recorded = info.get("crawl_ledgers") if isinstance(info, dict) else None
+    if not isinstance(recorded, list):
         return []
-    return sorted(p for p in Path(raw_dir).glob(CRAWL_LEDGER_GLOB) if p.is_file())
+    paths = [Path(p) for p in recorded if isinstance(p, str) and p]
+    return sorted(p for p in paths if fnmatch.fnmatchcase(p.name, CRAWL_LEDGER_GLOB) and p.is_file())
 
 
 # Set once the views exist, in this order; lock_configuration last, so nothing after it

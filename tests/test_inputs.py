@@ -225,6 +225,30 @@ def test_a_crawl_folder_keeps_its_ledger_and_ignores_listing_failures(tmp_path):
     assert len(rows_of(ours.shards[0])) == sum(s == "success" for s, _ in expected.values())
 
 
+def test_the_catalog_reads_the_crawl_ledgers_the_run_recorded(tmp_path):
+    """crawl_ledger is what the run merged (run.json), not whatever lies beside the input:
+    a glob, a single shard or s3:// merged none, whatever the folder holds now."""
+    from curation import schemas
+    from curation.catalog import connect
+
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    row = {"uid": "0" * 16, "source": "s", "stage": "crawl", "status": "failed", "reason": "http_404"}
+    pq.write_table(pa.Table.from_pylist([row], schema=schemas.arrow_schema("ledger")), crawl / "crawl_ledger-image_text.parquet")
+    (crawl / "crawl_ledger-video.parquet").write_bytes(b"written later, not by this run")
+    for name, recorded in (("glob", []), ("folder", [str(crawl / "crawl_ledger-image_text.parquet"), "/etc/passwd"])):
+        root = tmp_path / name
+        (root / "_work").mkdir(parents=True)
+        pq.write_table(schemas.arrow_schema("ledger").empty_table(), root / "ledger.parquet")
+        spec = str(crawl / "*.tar") if name == "glob" else str(crawl)
+        (root / "_work" / "run.json").write_text(json.dumps({"input": spec, "crawl_ledgers": recorded}))
+        tables = {t for (t,) in connect(root).execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if name == "glob":
+            assert "crawl_ledger" not in tables
+        else:  # only files named like a crawl ledger
+            assert connect(root).execute("SELECT uid, stage FROM crawl_ledger").fetchall() == [("0" * 16, "crawl")]
+
+
 # ----------------------------------------------------------------- what is read
 def test_img2dataset_failures_become_rows_and_producer_fields_are_kept(tmp_path):
     rng = np.random.default_rng(3)
