@@ -30,7 +30,11 @@ from .errors import CurationError, InputError
 
 
 def find_run_root(root: str | Path) -> Path:
-    """Accept a `curate run` output folder or a `curate demo` folder (its curated/)."""
+    """Accept a `curate run` output folder or a `curate demo` folder (its curated/). An
+    s3:// url is refused, naming the local stage folder a run to it works in."""
+    from .publish import refuse_url
+
+    refuse_url(root)
     root = Path(root)
     for candidate in (root, root / "curated"):
         if (candidate / "ledger.parquet").exists():

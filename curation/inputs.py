@@ -372,11 +372,13 @@ def _s3_settings() -> tuple[str | None, str]:
 
 
 @functools.lru_cache(maxsize=8)
-def s3_filesystem(endpoint: str | None, region: str | None):
-    """pyarrow's S3 client (one per process and endpoint). Credentials: the AWS chain."""
+def s3_filesystem(endpoint: str | None, region: str | None, background_writes: bool = True):
+    """pyarrow's S3 client (one per process and endpoint). Credentials: the AWS chain.
+    background_writes=False sends each written part before the next write returns
+    (publish.py: memory bounded by the part size)."""
     from pyarrow import fs
 
-    kwargs = {"region": region or "us-east-1"}
+    kwargs = {"region": region or "us-east-1", "background_writes": background_writes}
     if endpoint:
         parts = urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
         kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")

@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,34 @@ def demo_out(tmp_path_factory) -> Path:
     curate("demo", "--small", "--samples-per-shard", "60", "--out", out, timeout=1500)
     os.environ["CURATION_MODELS"] = str(out / "models")
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on 127.0.0.1 with bucket `bkt`, and the AWS settings that point at it
+    (and nowhere else): (a pyarrow S3FileSystem on it, those settings)."""
+    from moto.server import ThreadedMotoServer  # the test extra (moto[server])
+    from pyarrow import fs
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    filesystem = fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                                 allow_bucket_creation=True)
+    filesystem.create_dir("bkt")
+    try:
+        yield filesystem, env
+    finally:
+        server.stop()

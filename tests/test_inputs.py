@@ -9,7 +9,6 @@ import gzip
 import io
 import json
 import os
-import socket
 import tarfile
 import time
 from fractions import Fraction
@@ -397,36 +396,6 @@ def test_a_connection_lost_mid_shard_is_raised_not_recorded(monkeypatch):
         for row, _ in read_shard(ref, SRC):
             read.append(row["status"])
     assert 0 < len(read) < 20 and set(read) == {"kept"}  # no truncated_member row for the network's fault
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 and the AWS settings that point at it (and nowhere else)."""
-    from moto.server import ThreadedMotoServer  # the test extra (moto[server])
-    from pyarrow import fs
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    filesystem = fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                                 allow_bucket_creation=True)
-    filesystem.create_dir("bkt")
-    try:
-        yield filesystem, env
-    finally:
-        server.stop()
 
 
 def upload(filesystem, local_root: Path, prefix: str) -> None:
