@@ -20,8 +20,9 @@ def add_train_parser(subparsers) -> None:
                    "running again on it resumes (default shards/train)")
     t.add_argument("--batch-size", type=int, default=16, help="samples per step, packed into rows (default 16)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    t.add_argument("--vision-lr-scale", type=float, default=1.0,
-                   help="encoder learning rate as a fraction of --lr in full stages; 0 freezes it (default 1.0)")
+    t.add_argument("--vision-lr-scale", type=float,
+                   help="encoder learning rate as a fraction of --lr in full stages; 0 freezes it (default per "
+                   "paper: llava 0.2, omnifusion/owl3/evlm 0 for a loaded encoder; 1 for a from-code one)")
     t.add_argument("--warmup", type=int, default=20, help="warm-up steps (default 20)")
     t.add_argument("--trainable", choices=["connector", "full"],
                    help="override what trains (default: connector in the plan's first stage, full model after)")
@@ -29,6 +30,13 @@ def add_train_parser(subparsers) -> None:
     t.add_argument("--vision", dest="vision_id", help="real encoder: timm:NAME, open_clip:NAME[@TAG] or a path")
     t.add_argument("--lm", dest="lm_id", help="real LM (Qwen2-style): hub id or local path; its tokenizer too")
     t.add_argument("--max-len", type=int, help="tokens per packed row (default from --size)")
+    t.add_argument("--vision-feature-layer", type=int,
+                   help="encoder hidden state the llava/omnifusion/owl3 connectors read, counted as LLaVA does "
+                   "(-1 the last block, 0 the embeddings); never the final norm (default -2)")
+    t.add_argument("--cross-layers", help="evlm/owl3: 0-based LM layers with cross-/hyper-attention, e.g. 2,5,8 "
+                   "(default derived from the LM's depth: owl3 every depth//4+1 from 1, evlm every other, max 8)")
+    t.add_argument("--encoder-layers", help="evlm: 0-based encoder blocks whose features are merged, e.g. 5,12,19,26 "
+                   "(default: up to 8 spread evenly over the encoder)")
     t.add_argument("--tiled", dest="omni_tiled", action="store_const", const=True,
                    help="omnifusion: encode a 2x2 grid of tiles plus the whole image (default: whole image)")
     t.add_argument("--workers", type=int, default=1, help="data loader worker processes (default 1)")
@@ -60,8 +68,17 @@ def cmd_train(args) -> None:
 
     if args.steps < 1:
         raise CurationError("--steps must be at least 1")
-    names = ("vision_id", "lm_id", "max_len", "omni_tiled")
+    from .config import parse_layers
+
+    names = ("vision_id", "lm_id", "max_len", "omni_tiled", "vision_feature_layer")
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    layers = {"cross_layers": parse_layers(args.cross_layers, "--cross-layers"),
+              "evlm_feature_layers": parse_layers(args.encoder_layers, "--encoder-layers")}
+    if layers["cross_layers"] is not None and args.arch not in ("evlm", "owl3"):
+        raise CurationError("--cross-layers is for --arch evlm or owl3")
+    if layers["evlm_feature_layers"] is not None and args.arch != "evlm":
+        raise CurationError("--encoder-layers is for --arch evlm")
+    overrides.update({k: v for k, v in layers.items() if v is not None})
     opts = TrainOptions(plan=args.plan, out=args.out, arch=args.arch, size=args.size, stage=args.stage,
                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, vision_lr_scale=args.vision_lr_scale,
                         warmup=args.warmup, trainable=args.trainable, init=args.init, seed=args.seed,

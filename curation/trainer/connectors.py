@@ -22,7 +22,8 @@ from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb, repeat_kv, rotate_half
 
 from .config import ModelConfig
-from .views import anyres_feature_size, frame_feature_side, num_views
+from .vision import feature_block
+from .views import anyres_features, frame_feature_side, num_views
 
 
 @dataclass
@@ -48,7 +49,11 @@ class LayerInputs:
 
 class Connector(nn.Module):
     inserts_tokens = True  # visual tokens go into the sequence
-    feature_layers: list[int] | None = None  # encoder layers read (None: the last, normalised)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # encoder blocks read (their outputs, not normalised): LLaVA's vision_feature_layer
+        self.feature_blocks = [feature_block(cfg.vision_feature_layer, cfg.vision_depth)]
 
     def run_layer(self, index: int, layer: nn.Module, hidden: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
         return layer(hidden, attention_mask=inp.mask, position_ids=inp.position_ids, position_embeddings=inp.rope)
@@ -58,7 +63,7 @@ class LlavaConnector(Connector):
     """2-layer GELU MLP; AnyRes-Max arrangement of tile features with a learned newline."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
+        super().__init__(cfg)
         self.cfg = cfg
         self.mlp = nn.Sequential(nn.Linear(cfg.vision_dim, cfg.lm_hidden), nn.GELU(),
                                  nn.Linear(cfg.lm_hidden, cfg.lm_hidden))
@@ -72,7 +77,7 @@ class LlavaConnector(Connector):
             views = projected[v:v + n]
             v += n
             if layout[0] == "anyres":
-                out.append(torch.cat([views[0], self._tile_grid(views[1:], layout[1], layout[2])]))
+                out.append(torch.cat([views[0], self._tile_grid(views[1:], layout)]))
             elif layout[0] == "frame":
                 side = frame_feature_side(self.cfg)
                 out.append(self._resize(self._as_grid(views[0]), side, side).flatten(0, 1))
@@ -90,10 +95,11 @@ class LlavaConnector(Connector):
         resized = F.interpolate(grid.permute(2, 0, 1)[None], size=(h, w), mode="bilinear", align_corners=False)
         return resized[0].permute(1, 2, 0)
 
-    def _tile_grid(self, tiles: torch.Tensor, cols: int, rows: int) -> torch.Tensor:
-        u, d = self.cfg.unit, tiles.shape[-1]
+    def _tile_grid(self, tiles: torch.Tensor, layout: tuple) -> torch.Tensor:
+        u, d, cols, rows = self.cfg.unit, tiles.shape[-1], layout[1], layout[2]
         grid = tiles.view(rows, cols, u, u, d).permute(0, 2, 1, 3, 4).reshape(rows * u, cols * u, d)
-        h, w = anyres_feature_size(self.cfg, cols, rows)
+        (top, left, kept_h, kept_w), (h, w) = anyres_features(self.cfg, layout)
+        grid = grid[top:top + kept_h, left:left + kept_w]  # unpad: drop rows/columns of padding only
         grid = self._resize(grid, h, w)  # AnyRes-Max: bilinear downsampling above the token budget
         newline = self.image_newline.to(grid.dtype).expand(h, 1, d)
         return torch.cat([grid, newline], dim=1).flatten(0, 1)
@@ -104,9 +110,10 @@ class OmniFusionConnector(Connector):
     image start/end embeddings; whole-image or tiled views."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.adapter = nn.TransformerEncoderLayer(cfg.vision_dim, cfg.vision_heads, 4 * cfg.vision_dim, dropout=0.0,
-                                                  activation="gelu", batch_first=True, norm_first=True)
+        super().__init__(cfg)
+        self.adapter = nn.TransformerEncoderLayer(cfg.vision_dim, adapter_heads(cfg.vision_dim, cfg.vision_heads),
+                                                  4 * cfg.vision_dim, dropout=0.0, activation="gelu", batch_first=True,
+                                                  norm_first=True)
         self.to_lm = nn.Linear(cfg.vision_dim, cfg.lm_hidden)
         self.image_start = nn.Parameter(torch.randn(cfg.lm_hidden) * cfg.lm_hidden ** -0.5)
         self.image_end = nn.Parameter(torch.randn(cfg.lm_hidden) * cfg.lm_hidden ** -0.5)
@@ -120,6 +127,12 @@ class OmniFusionConnector(Connector):
             v += n
             out.append(torch.cat([self.image_start[None].to(body.dtype), body, self.image_end[None].to(body.dtype)]))
         return out
+
+
+def adapter_heads(dim: int, wanted: int) -> int:
+    """The encoder's head count (synced from a loaded encoder), or the nearest count below
+    it that divides the width, so any encoder width builds."""
+    return next(h for h in range(max(1, min(wanted, dim)), 0, -1) if dim % h == 0)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -162,15 +175,15 @@ class EvlmConnector(Connector):
     inserts_tokens = False
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.feature_layers = list(cfg.evlm_feature_layers)
+        super().__init__(cfg)
+        self.feature_blocks = list(cfg.evlm_feature_layers)  # resolved from the encoder's depth (config.py)
         d = cfg.lm_hidden
-        self.merge = nn.Linear(cfg.vision_dim * len(self.feature_layers), d)  # hierarchical features, concatenated
+        self.merge = nn.Linear(cfg.vision_dim * len(self.feature_blocks), d)  # hierarchical features, concatenated
         self.queries = nn.Parameter(torch.randn(cfg.evlm_queries, d) * d ** -0.5)
         self.query_norm, self.feature_norm, self.out_norm = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.resampler = nn.MultiheadAttention(d, cfg.lm_heads, batch_first=True)
         self.resampler_ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.blocks = nn.ModuleDict({str(i): GatedCrossAttention(d, cfg.lm_heads) for i in cfg.evlm_lm_layers})
+        self.blocks = nn.ModuleDict({str(i): GatedCrossAttention(d, cfg.lm_heads) for i in cfg.cross_layers})
 
     def forward(self, features: list[torch.Tensor], layouts: list[tuple]) -> list[torch.Tensor]:
         feats = self.feature_norm(self.merge(torch.cat(features, dim=-1)))  # [V, T, D]
@@ -207,10 +220,10 @@ class Owl3Connector(Connector):
     inserts_tokens = False
 
     def __init__(self, cfg: ModelConfig, lm_layers: nn.ModuleList):
-        super().__init__()
+        super().__init__(cfg)
         self.project = nn.Linear(cfg.vision_dim, cfg.lm_hidden)
         self.hyper = nn.ModuleDict({str(i): HyperAttention(lm_layers[i], cfg.lm_hidden, cfg.lm_heads)
-                                    for i in cfg.owl3_lm_layers})
+                                    for i in cfg.cross_layers})
 
     def forward(self, features: list[torch.Tensor], layouts: list[tuple]) -> list[torch.Tensor]:
         return list(self.project(features[-1]))

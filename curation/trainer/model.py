@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, resolve_layers
 from .connectors import LayerInputs, VisualMemory, build_connector
 from .lm import build_lm, packed_causal_mask
 from .vision import VisionEncoder
@@ -29,12 +29,13 @@ class VLM(nn.Module):
         self.image_id = image_id
         self.vision = VisionEncoder(cfg)
         self.lm = build_lm(cfg, vocab_size)
+        resolve_layers(cfg)  # layer lists from the depths just built (a loaded model's, not the preset's)
         self.connector = build_connector(cfg, self.lm)
 
     def encode_images(self, pixels: torch.Tensor, layouts: list[tuple]) -> list[torch.Tensor]:
         if not layouts:
             return []
-        features = self.vision(pixels, self.connector.feature_layers)
+        features = self.vision(pixels, self.connector.feature_blocks)
         return self.connector(features, layouts)
 
     def forward(self, batch: dict) -> Output:

@@ -2,8 +2,9 @@
 
 * What trains: the plan's first stage is alignment (the connector only: for omnifusion
   that includes its image start/end embeddings, for evlm/owl3 the cross-/hyper-attention
-  blocks); later stages train the full model, the vision encoder optionally at a lower
-  learning rate. `trainable=` overrides.
+  blocks); later stages train the full model, the vision encoder at its paper's rate
+  (config.STAGE_DEFAULTS: LLaVA-OneVision 0.2x, the others frozen; a from-code random
+  encoder trains at 1x). `trainable=` and `vision_lr_scale=` override.
 * Checkpoint = model, optimizer, scheduler, step and data position (batches consumed);
   running the same command again on the same --out resumes from it.
 * One process on CPU; `torchrun --nproc-per-node N -m curation.cli train ...` gives DDP on
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import CurationError
-from .config import ModelConfig, model_config
+from .config import ModelConfig, default_vision_lr_scale, model_config
 from .data import TrainBatches, find_stage, load_plan, plan_texts, stage_sources, to_device
 from .model import VLM
 from .tokenizer import HFTokenizer, WordTokenizer, load_tokenizer, save_tokenizer
@@ -40,7 +41,7 @@ class TrainOptions:
     steps: int = 100
     batch_size: int = 16  # samples per step (packed into rows of max_len tokens)
     lr: float = 1e-3
-    vision_lr_scale: float = 1.0  # e.g. 0.2 for a pretrained encoder in later stages
+    vision_lr_scale: float | None = None  # None: config.default_vision_lr_scale (per arch, stage, encoder)
     warmup: int = 20
     trainable: str | None = None  # "connector" | "full"; default from the stage's position in the plan
     init: str | None = None  # start from the weights of another run's checkpoint (the previous stage)
@@ -179,7 +180,9 @@ def train(opts: TrainOptions, stop_after: int | None = None) -> dict:
             model = VLM(cfg, tok.vocab_size, tok.image_id)
     model.to(device)
     set_trainable(model, mode)
-    optimizer = make_optimizer(model, opts.lr, opts.vision_lr_scale)
+    vision_lr_scale = opts.vision_lr_scale if opts.vision_lr_scale is not None \
+        else default_vision_lr_scale(opts.arch, mode, pretrained_encoder=cfg.vision_id is not None)
+    optimizer = make_optimizer(model, opts.lr, vision_lr_scale)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts.warmup, opts.steps))
     step = batches_done = 0
     if resume:
@@ -203,7 +206,8 @@ def train(opts: TrainOptions, stop_after: int | None = None) -> dict:
     counts = {n: sum(p.numel() for p in model.parameters() if p.requires_grad == t)
               for n, t in (("trainable_params", True), ("frozen_params", False))}
     if is_main:
-        print(f"{opts.arch}/{opts.size} stage {stage['name']} ({mode}): {counts['trainable_params']:,} trainable, "
+        print(f"{opts.arch}/{opts.size} stage {stage['name']} ({mode}, encoder lr x{vision_lr_scale:g}): "
+              f"{counts['trainable_params']:,} trainable, "
               f"{counts['frozen_params']:,} frozen parameters; "
               + (f"resuming at step {step}" if step else "from scratch"))
 

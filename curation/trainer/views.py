@@ -3,7 +3,9 @@ costs. The data loader uses this to lay out sequences; the connectors use the sa
 layouts to arrange features, so the two always agree.
 
 A layout is a small tuple:
-  ("anyres", cols, rows)  llava single image: a global view + cols x rows tiles (AnyRes-Max)
+  ("anyres", cols, rows, width, height)
+                          llava single image: a global view + cols x rows tiles (AnyRes-Max);
+                          the image's size decides which padded feature rows are cut (unpad)
   ("base",)               one view of the whole image (multi-image items; evlm/owl3 always)
   ("frame",)              one video frame (llava pools its features 2x2, as 729 -> 196 in the paper)
   ("tiled",)              omnifusion tiled mode: a 2x2 grid of tiles + the whole image
@@ -31,15 +33,12 @@ def anyres_grid(cfg: ModelConfig, width: int, height: int) -> tuple[int, int]:
     return tokens.anyres_grid(max(1, round(width * scale)), max(1, round(height * scale)), cfg.max_grid)
 
 
-def anyres_feature_size(cfg: ModelConfig, cols: int, rows: int) -> tuple[int, int]:
-    """(height, width) of the tile feature grid after AnyRes-Max downsampling: when the
-    tiles exceed max_tiles tiles' worth by t = sqrt(h*w / (max_tiles*unit^2)) > 1.1, the
-    grid is bilinearly resized to (h/t, w/t). Same rule as curation.tokens.anyres_tokens."""
-    h, w = rows * cfg.unit, cols * cfg.unit
-    t = math.sqrt(h * w / (cfg.max_tiles * cfg.unit * cfg.unit))
-    if t > tokens.DOWNSAMPLE_THRESHOLD:
-        h, w = int(h / t), int(w / t)
-    return h, w
+def anyres_features(cfg: ModelConfig, layout: tuple) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """(unpad box (top, left, rows, cols) of the tile feature grid, (rows, cols) of tile
+    features the LM gets) for an ("anyres", ...) layout: curation.tokens' rule, the same
+    one `curate plan` bills with."""
+    _, cols, rows, width, height = layout
+    return tokens.anyres_features(width, height, cols, rows, cfg.unit, cfg.max_tiles)
 
 
 def frame_feature_side(cfg: ModelConfig) -> int:
@@ -49,7 +48,7 @@ def frame_feature_side(cfg: ModelConfig) -> int:
 def image_layout(cfg: ModelConfig, role: str, width: int, height: int) -> tuple:
     if cfg.arch == "llava":
         if role == "single":
-            return ("anyres", *anyres_grid(cfg, width, height))
+            return ("anyres", *anyres_grid(cfg, width, height), width, height)
         return ("frame",) if role == "frame" else ("base",)
     if cfg.arch == "omnifusion" and role == "single" and cfg.omni_tiled:
         return ("tiled",)
@@ -68,9 +67,8 @@ def lm_tokens(cfg: ModelConfig, layout: tuple) -> int:
         return 1  # a single placeholder; the LM reaches the features through cross/hyper-attention
     if cfg.arch == "omnifusion":
         return num_views(layout) * cfg.unit ** 2 + 2  # + learned start and end embeddings
-    if layout[0] == "anyres":
-        h, w = anyres_feature_size(cfg, layout[1], layout[2])
-        return cfg.unit ** 2 + h * w + h  # global view + tiles + one newline per feature row
+    if layout[0] == "anyres":  # global view + unpadded tiles + one newline per feature row
+        return tokens.anyres_token_count(layout[3], layout[4], layout[1], layout[2], cfg.unit, cfg.max_tiles)
     if layout[0] == "frame":
         return frame_feature_side(cfg) ** 2
     return cfg.unit ** 2
@@ -90,9 +88,12 @@ def cut_views(cfg: ModelConfig, image: Image.Image, layout: tuple) -> list[Image
 
 
 def _fit_and_pad(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize keeping the aspect ratio, centre on a grey canvas (LLaVA's resize-and-pad)."""
+    """Resize keeping the aspect ratio, centre on a grey canvas (LLaVA's resize-and-pad,
+    which rounds the scaled side up; grey is 0 after SigLIP normalisation). The feature
+    rows/columns that cover only padding are cut by the connector (unpad)."""
     scale = min(width / image.width, height / image.height)
-    resized = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+    resized = image.resize((max(1, min(width, math.ceil(image.width * scale))),
+                            max(1, min(height, math.ceil(image.height * scale)))), Image.BICUBIC)
     canvas = Image.new("RGB", (width, height), (127, 127, 127))
     canvas.paste(resized, ((width - resized.width) // 2, (height - resized.height) // 2))
     return canvas

@@ -1,0 +1,242 @@
+"""Reference trainer, faithfulness to the papers and robustness (issue 14): LLaVA-NeXT's
+unpad against the rule computed here independently (and the token bill equal to what the
+model sees), layer -2 encoder features, layer lists derived from the models' depths,
+OmniFusion on a 1024-wide encoder, per-paper stage defaults, literal special tokens in
+text, webm clips, exact resume at any worker count. Tiny models built from configs; no
+Ray, no hub."""
+
+import io
+import json
+import math
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from curation import tokens
+from curation.errors import CurationError
+from curation.trainer import ARCHS
+from curation.trainer.config import (STAGE_DEFAULTS, cross_layers_for, default_vision_lr_scale,
+                                     evlm_feature_layers_for, model_config, parse_layers)
+from curation.trainer.connectors import LlavaConnector, adapter_heads
+from curation.trainer.model import VLM
+from curation.trainer.tokenizer import SPECIALS, WordTokenizer
+from curation.trainer.views import image_layout, lm_tokens
+from curation.trainer.vision import VisionEncoder, feature_block
+
+torch.set_num_threads(1)
+TOK = WordTokenizer.build(["a red circle . what colour is the circle ? user : assistant : describe the image"])
+
+# ---------------------------------------------------------------- 1. unpad
+
+
+def reference_unpad(width, height, cols, rows, unit, max_tiles):
+    """LLaVA-NeXT's unpad_image + AnyRes-Max downsampling, written from the rule with floats
+    (as transformers' port does: the scaled side rounded to 7 decimals, then int)."""
+    cur_h, cur_w = rows * unit, cols * unit
+    if width / height > cur_w / cur_h:
+        new_h = int(round(height * (cur_w / width), 7))
+        pad = (cur_h - new_h) // 2
+        box = (pad, cur_h - pad, 0, cur_w)
+    else:
+        new_w = int(round(width * (cur_h / height), 7))
+        pad = (cur_w - new_w) // 2
+        box = (0, cur_h, pad, cur_w - pad)
+    h, w = box[1] - box[0], box[3] - box[2]
+    ratio = math.sqrt(h * w / (max_tiles * unit ** 2))
+    out = (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w)
+    return box, out
+
+
+SIZES = [(384, 384), (1000, 1000), (2000, 400), (1920, 1080), (512, 200), (1000, 600), (800, 600), (300, 1000),
+         (400, 2000), (4000, 3000), (640, 1280), (7, 5), (1, 1), (10000, 10), (10, 10000), (3000, 7), (333, 1001)]
+# counts for LLaVA-OneVision's geometry measured with LLaVA-NeXT's own rule by the trainer review
+LLAVA_COUNTS = {(2000, 400): 5945, (512, 200): 1884, (1000, 600): 4665, (800, 600): 4725, (300, 1000): 2835,
+                (1920, 1080): 7269, (4000, 3000): 7309, (384, 384): 1485}
+
+
+def onevision_cfg(**kw):
+    return model_config("llava", image_size=384, patch_size=14, max_grid=6, max_tiles=9, vision_dim=2, lm_hidden=2,
+                        **kw)
+
+
+def coordinate_connector(cfg):
+    """A llava connector whose projector is the identity, so each output token says which
+    padded-grid feature (row, column) it came from; newline = (-1, -1)."""
+    conn = LlavaConnector(cfg)
+    conn.mlp = nn.Identity()
+    with torch.no_grad():
+        conn.image_newline.fill_(-1.0)
+    return conn
+
+
+def coordinate_views(cfg, cols, rows):
+    u = cfg.unit
+    i, j = torch.meshgrid(torch.arange(u), torch.arange(u), indexing="ij")
+    tiles = [torch.stack([r * u + i, c * u + j], -1).reshape(u * u, 2).float() for r in range(rows) for c in range(cols)]
+    return torch.stack([torch.full((u * u, 2), -2.0), *tiles])  # global view first
+
+
+@pytest.mark.parametrize("geometry", ["onevision", "tiny"])
+def test_unpad_follows_llava_next_and_the_bill_is_what_the_model_sees(geometry):
+    cfg = onevision_cfg() if geometry == "onevision" else model_config("llava", vision_dim=2, lm_hidden=2)
+    conn = coordinate_connector(cfg)
+    u = cfg.unit
+    for w, h in SIZES:
+        layout = image_layout(cfg, "single", w, h)
+        cols, rows = layout[1:3]
+        (r0, r1, c0, c1), (out_h, out_w) = reference_unpad(w, h, cols, rows, u, cfg.max_tiles)
+        with torch.no_grad():
+            seq = conn([coordinate_views(cfg, cols, rows)], [layout])[0]
+        assert len(seq) == lm_tokens(cfg, layout)
+        assert torch.all(seq[:u * u] == -2)  # the global view comes first, whole
+        if r1 - r0 == 0 or c1 - c0 == 0:  # the reference keeps nothing here; we keep a centred row/column
+            assert len(seq) > u * u + 1
+            continue
+        tiles = seq[u * u:].view(-1, out_w + 1, 2)
+        assert tiles.shape[0] == out_h and torch.all(tiles[:, -1] == -1)  # one newline per feature row
+        i, j = torch.meshgrid(torch.arange(r0, r1), torch.arange(c0, c1), indexing="ij")
+        expected = torch.stack([i, j], -1).float()  # the crop of the padded grid
+        if (out_h, out_w) != (r1 - r0, c1 - c0):
+            expected = F.interpolate(expected.permute(2, 0, 1)[None], size=(out_h, out_w), mode="bilinear")[0]
+            expected = expected.permute(1, 2, 0)
+        assert torch.allclose(tiles[:, :-1], expected), (w, h)
+        if geometry == "onevision":
+            bill = tokens.visual_tokens("image_text", w, h, 1, None)[2]  # what `curate plan` charges
+            assert bill == len(seq) == u * u + out_h * out_w + out_h
+            if (w, h) in LLAVA_COUNTS:
+                assert bill == LLAVA_COUNTS[(w, h)]
+
+
+def test_unpad_box_is_symmetric_and_floors_in_integers():
+    # 1000x600 in a 3x2 grid (81x54 features): scaled height int(600 * 81/1000) = 48 -> 3 rows off each side
+    assert tokens.unpad_box(1000, 600, 81, 54) == (3, 0, 48, 81)
+    # 49 * 54/98 is 27 exactly, 26.999999999999996 in floats: a plain int() would cut a row top and bottom
+    assert int(49 * (54 / 98)) == 26 and tokens.unpad_box(98, 49, 54, 28) == (0, 0, 28, 54)
+    assert tokens.unpad_box(49, 98, 28, 54) == (0, 0, 54, 28)
+    assert tokens.unpad_box(5000, 10, 8, 4) == (1, 0, 2, 8)  # at least a row where the reference keeps none
+
+
+# ---------------------------------------------------------------- 2. layer -2 features
+
+
+def test_timm_encoder_reads_block_minus_two_without_the_final_norm():
+    cfg = model_config("llava")
+    torch.manual_seed(0)
+    enc = VisionEncoder(cfg).eval()
+    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    vit = enc.vit
+    with torch.no_grad():
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(pixels)))
+        states = [x]
+        for block in vit.blocks:
+            states.append(block(states[-1]))
+        got = enc(pixels, [feature_block(cfg.vision_feature_layer, enc.depth)])[0]
+        last_normed = vit.norm(states[-1])
+    assert cfg.vision_feature_layer == -2 and feature_block(-2, enc.depth) == enc.depth - 2
+    assert torch.allclose(got, states[-2], atol=1e-6)
+    assert not torch.allclose(got, last_normed, atol=1e-3)
+    model = VLM(model_config("llava"), TOK.vocab_size, TOK.image_id)
+    assert model.connector.feature_blocks == [cfg.vision_depth - 2]
+    with pytest.raises(CurationError, match="vision-feature-layer"):
+        feature_block(0, 4)  # the embeddings are not a block's output
+
+
+@pytest.mark.parametrize("family", ["siglip", "clip"])
+def test_hf_encoder_features_are_hidden_states_minus_two(family, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    conf, cls = (SiglipVisionConfig, SiglipVisionModel) if family == "siglip" else (CLIPVisionConfig, CLIPVisionModel)
+    torch.manual_seed(0)
+    hf = cls(conf(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                  patch_size=8)).eval()
+    hf.save_pretrained(tmp_path)
+    for layer in (-2, -1):
+        cfg = model_config("owl3", vision_id=str(tmp_path), vision_feature_layer=layer)
+        model = VLM(cfg, TOK.vocab_size, TOK.image_id).eval()
+        assert (cfg.vision_dim, cfg.vision_depth, cfg.image_size, cfg.patch_size) == (32, 3, 32, 8)
+        pixels = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            got = model.vision(pixels, model.connector.feature_blocks)[0]
+            ref = hf(pixel_values=pixels, output_hidden_states=True)
+            last_normed = getattr(hf, "vision_model", hf).post_layernorm(ref.hidden_states[-1])
+        prefix = 1 if family == "clip" else 0  # CLIP's class token is dropped
+        assert got.shape == (2, 16, 32)
+        assert torch.allclose(got, ref.hidden_states[layer][:, prefix:], atol=1e-5)
+        assert not torch.allclose(got, last_normed[:, prefix:], atol=1e-3)  # never the final norm
+
+
+# ---------------------------------------------------------------- 3. layer lists from depths
+
+
+def test_layer_lists_follow_the_papers_at_real_depths():
+    assert cross_layers_for("owl3", 28) == [1, 9, 17, 25]  # mPLUG-Owl3's Qwen2-7B hyper layers
+    assert cross_layers_for("owl3", 4) == [1, 3] and cross_layers_for("owl3", 6) == [1, 3, 5]
+    assert cross_layers_for("evlm", 28) == [2, 6, 9, 13, 16, 20, 23, 27]
+    assert cross_layers_for("evlm", 4) == [1, 3]
+    assert evlm_feature_layers_for(40) == [4, 9, 14, 19, 24, 29, 34, 39]  # 8 of EVA2-CLIP-E's 40, evenly
+    assert evlm_feature_layers_for(27) == [2, 5, 9, 12, 15, 19, 22, 26]
+    assert parse_layers("2, 5,8", "--cross-layers") == [2, 5, 8] and parse_layers(None, "x") is None
+    with pytest.raises(CurationError, match="comma-separated"):
+        parse_layers("2;5", "--cross-layers")
+
+
+@pytest.mark.parametrize("arch", ["evlm", "owl3"])
+def test_layer_lists_are_derived_from_the_built_depths_and_settable(arch, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    blocks = (lambda m: m.connector.blocks) if arch == "evlm" else (lambda m: m.connector.hyper)
+    for lm_layers, vision_depth in ((4, 4), (8, 6)):
+        model = VLM(model_config(arch, lm_layers=lm_layers, vision_depth=vision_depth), TOK.vocab_size, TOK.image_id)
+        assert sorted(map(int, blocks(model))) == cross_layers_for(arch, lm_layers)
+        if arch == "evlm":
+            assert model.connector.feature_blocks == evlm_feature_layers_for(vision_depth)
+    # a loaded LM: its depth, not the preset's
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    model = VLM(model_config(arch, lm_id=str(tmp_path)), TOK.vocab_size, TOK.image_id)
+    assert model.cfg.lm_layers == 8 and sorted(map(int, blocks(model))) == cross_layers_for(arch, 8) != [1, 3]
+    # set by hand, checked against the depth
+    model = VLM(model_config(arch, cross_layers=[2, 0], evlm_feature_layers=[0, 3] if arch == "evlm" else None),
+                TOK.vocab_size, TOK.image_id)
+    assert sorted(map(int, blocks(model))) == [0, 2] and model.cfg.cross_layers == [0, 2]
+    with pytest.raises(CurationError, match="within 0..3"):
+        VLM(model_config(arch, cross_layers=[1, 4]), TOK.vocab_size, TOK.image_id)
+    if arch == "evlm":
+        assert model.connector.feature_blocks == [0, 3]
+        with pytest.raises(CurationError, match="--encoder-layers"):
+            VLM(model_config(arch, evlm_feature_layers=[4]), TOK.vocab_size, TOK.image_id)
+
+
+# ---------------------------------------------------------------- 4. omnifusion on a 1024-wide encoder
+
+
+def test_omnifusion_builds_on_a_1024_wide_loaded_encoder(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=1024, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=16, image_size=32, patch_size=16)).save_pretrained(tmp_path)
+    cfg = model_config("omnifusion", "small", vision_id=str(tmp_path))  # the small preset says 6 heads
+    model = VLM(cfg, TOK.vocab_size, TOK.image_id).eval()
+    assert (cfg.vision_dim, cfg.vision_heads) == (1024, 16)
+    assert model.connector.adapter.self_attn.num_heads == 16
+    with torch.no_grad():
+        out = model.encode_images(torch.randn(1, 3, 32, 32), [("base",)])
+    assert out[0].shape == (4 + 2, cfg.lm_hidden)  # 2x2 patches + image start/end
+    assert adapter_heads(1024, 6) == 4 and adapter_heads(64, 4) == 4 and adapter_heads(7, 4) == 1
+
+
+# ---------------------------------------------------------------- 5. stage defaults
+
+
+def test_encoder_learning_rate_defaults_follow_the_papers():
+    assert {a: STAGE_DEFAULTS[a]["vision_lr_scale"] for a in ARCHS} == {
+        "llava": 0.2, "omnifusion": 0.0, "owl3": 0.0, "evlm": 0.0}
+    for arch in ARCHS:
+        assert default_vision_lr_scale(arch, "connector", pretrained_encoder=True) == 0.0
+        assert default_vision_lr_scale(arch, "full", pretrained_encoder=True) == STAGE_DEFAULTS[arch]["vision_lr_scale"]
+        assert default_vision_lr_scale(arch, "full", pretrained_encoder=False) == 1.0  # random weights must learn
