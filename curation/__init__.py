@@ -55,9 +55,12 @@ def load_pipeline(path: str | Path) -> "PipelineConfig":
 
 
 def run(pipeline: "PipelineConfig | str | Path", raw_dir: str | Path, out: str | Path, *,
-        ray_address: str | None = None, memory_limit: str = "512MB") -> dict:
-    """`curate run`: curate the raw shards in `raw_dir` into `out` (running it again on
-    the same `out` resumes). `pipeline`: a PipelineConfig (load_pipeline, Pipeline) or
+        ray_address: str | None = None, memory_limit: str = "512MB", stage_dir: str | Path | None = None) -> dict:
+    """`curate run`: curate `raw_dir`, anything `curate run --input` accepts (see README:
+    Bring your own data), into `out` (running it again on the same `out` resumes). `out`
+    may be s3://bucket/prefix: the job then works in the local folder `stage_dir`
+    (default under ~/.cache) and uploads what a user reads (README, Object storage).
+    `pipeline`: a PipelineConfig (load_pipeline, Pipeline) or
     what load_pipeline takes. Starts a local Ray instance unless Ray is already
     initialised in this process or `ray_address` names a cluster. Returns the summary
     (also written to OUT/summary.json).
@@ -73,7 +76,7 @@ def run(pipeline: "PipelineConfig | str | Path", raw_dir: str | Path, out: str |
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
     cfg = pipeline if isinstance(pipeline, PipelineConfig) else load(pipeline)
-    return run_pipeline(cfg, raw_dir, out, ray_address=ray_address, memory_limit=memory_limit)
+    return run_pipeline(cfg, raw_dir, out, ray_address=ray_address, memory_limit=memory_limit, stage_dir=stage_dir)
 
 
 def crawl(input_path: str | Path, out: str | Path, *, kind: str = "image_text", **options: Any) -> "pd.DataFrame":
@@ -123,11 +126,13 @@ def plan(root: str | Path, *, pipeline: str | Path | None = None, out: str | Pat
 
 
 def export(fmt: str, root: str | Path, out: str | Path, *, tier: str | None = None, stage: str | None = None,
-           pipeline: str | Path | None = None, sampling_strategy: str | None = None) -> dict:
+           pipeline: str | Path | None = None, sampling_strategy: str | None = None,
+           stage_dir: str | Path | None = None) -> dict:
     """`curate export FORMAT` (llava, sharegpt, messages, cauldron): one tier, or one
-    training stage's mix, as another trainer's data under `out`. Returns what was
-    written, how to load it, and what was left out or skipped."""
-    from .tiers.export import export as export_tiers
+    training stage's mix, as another trainer's data under `out` (a folder, or
+    s3://bucket/prefix: written into the local `stage_dir`, default under ~/.cache, then
+    uploaded). Returns what was written, how to load it, and what was left out or skipped."""
+    from .publish import export as export_tiers
 
     return export_tiers(fmt, root, out, tier=tier, stage=stage, pipeline=pipeline,
-                        sampling_strategy=sampling_strategy)
+                        sampling_strategy=sampling_strategy, stage_dir=stage_dir)

@@ -13,7 +13,7 @@ from . import __version__
 from .errors import CurationError
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def _print_summary(summary: dict, out: Path, url: str | None = None) -> None:
     print()
     print(f"pipeline {summary['pipeline']} (config {summary['config_hash']}): {summary['raw_samples']} raw samples "
           f"in {summary['seconds']} s")
@@ -25,9 +25,12 @@ def _print_summary(summary: dict, out: Path) -> None:
     print(f"{'tier':<20} {'samples':>8} {'shards':>7} {'MB':>8}")
     for tier, t in summary["tiers"].items():
         print(f"{tier:<20} {t['samples']:>8} {t['shards']:>7} {t['bytes'] / 1e6:>8.1f}")
-    print(f"\noutput:  {out}")
-    print(f"  tiers:   {out / 'tiers'}/<tier>/*.tar (+ .parquet sidecars, manifest.json)")
-    print(f"  ledger:  {out / 'ledger.parquet'}")
+    where = url or str(out)
+    print(f"\noutput:  {where}")
+    if url:
+        print(f"  stage:   {out}  (the local folder the run worked in: query, plan, verify, report, export --root it)")
+    print(f"  tiers:   {where}/tiers/<tier>/*.tar (+ .parquet sidecars, manifest.json)")
+    print(f"  ledger:  {where}/ledger.parquet")
     print(f"  query:   curate query \"SELECT tier, count(*) FROM samples GROUP BY tier\" --root {out}")
 
 
@@ -89,23 +92,28 @@ def _memory_size(text: str) -> str:
 
 def cmd_run(args) -> None:
     from . import config
+    from .publish import destination
 
+    dest = destination(args.out, args.stage_dir, args.ray_address)  # what cannot work is refused before any work
     cfg = config.load(args.pipeline)  # every recipe mistake is reported before Ray or the runner is imported
     from .runner import run_pipeline
-    summary = run_pipeline(cfg, args.input, args.out, ray_address=args.ray_address, memory_limit=args.memory_limit)
-    _print_summary(summary, Path(args.out))
+    summary = run_pipeline(cfg, args.input, args.out, ray_address=args.ray_address, memory_limit=args.memory_limit,
+                           stage_dir=args.stage_dir)
+    _print_summary(summary, dest.local, dest.url)
 
 
 def cmd_export(args) -> None:
-    from .tiers.export import export
+    from .publish import export
 
     result = export(args.format, args.root, args.out, tier=args.tier, stage=args.stage, pipeline=args.pipeline,
-                    sampling_strategy=args.sampling_strategy)
+                    sampling_strategy=args.sampling_strategy, stage_dir=args.stage_dir)
     what = f"tier {args.tier}" if args.tier else f"stage {args.stage}"
     print(f"exported {result['records']} samples ({result['files']} media files) of {what} as {args.format}")
     for label, path in result["outputs"].items():
         print(f"  {label + ':':<22} {path}")
     print(f"  load with: {result['use']}")
+    if "published" in result:
+        print(f"  uploaded to: {result['published']['url']} (paths above are in its local stage folder)")
     for reason, n in result["left_out"].items():
         print(f"left out {n} sample(s): {reason}", file=sys.stderr)
     for note in result["notes"]:
@@ -326,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw shards (.tar, .tar.gz, .tgz): a folder (searched recursively; curate crawl's --out), "
                         "a glob ('/data/**/*.tar'), a brace pattern ('/data/shard-{00000..00099}.tar'), or "
                         "s3://bucket/prefix/ (endpoint from AWS_ENDPOINT_URL); see README, Bring your own data")
-    r.add_argument("--out", required=True, help="output folder; running again on it resumes")
+    r.add_argument("--out", required=True, help="output folder, or s3://bucket/prefix (worked on in --stage-dir, "
+                                                "then uploaded); running again on it resumes")
+    r.add_argument("--stage-dir", help="with --out s3://: the local folder the run works in (default: "
+                                       "~/.cache/curation/stage/<hash of the url>; on a cluster, a shared filesystem)")
     r.add_argument("--ray-address", help="Ray cluster address (default: start Ray locally)")
     r.add_argument("--memory-limit", default="512MB", type=_memory_size,
                    help="memory for stage B's DuckDB, which runs in one Ray worker (it spills to OUT/_work beyond it), e.g. 512MB, 4GB")
@@ -343,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     which = ex.add_mutually_exclusive_group(required=True)
     which.add_argument("--tier", help="export this tier, whole")
     which.add_argument("--stage", help="export this training stage's mix of tiers (the pipeline's stages:)")
-    ex.add_argument("--out", required=True, help="folder for the data files and media (every path in them is relative)")
+    ex.add_argument("--out", required=True, help="folder for the data files and media (every path in them is relative), "
+                                                 "or s3://bucket/prefix (written in --stage-dir, then uploaded)")
+    ex.add_argument("--stage-dir", help="with --out s3://: the local folder the export is written in (default: "
+                                        "~/.cache/curation/export/<hash of the url>)")
     ex.add_argument("--pipeline", help="with --stage: pipeline YAML with the stages (default: the one that made the output)")
     ex.add_argument("--sampling-strategy", help="llava --tier: written into the YAML (all, first:N, end:N, random:N)")
     ex.set_defaults(func=cmd_export)

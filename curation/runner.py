@@ -29,6 +29,7 @@ from .annotate import BINARY_COLUMNS, ClusterShrank, committed_parts, run_stage_
 from .config import PipelineConfig
 from .errors import NO_SPACE_ERRNOS, ConfigError, CurationError, DiskFullError, InputError, curation_error_in
 from .fsutil import atomic_write_text
+from .publish import check_destination, destination, publish_run
 from .inputs import RawInput, ShardRef, resolve_input
 from .rawshards import count_samples
 
@@ -134,13 +135,23 @@ def _restart_ray(address: str | None) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, raw_input: str | Path, out: str | Path, ray_address: str | None = None,
-                 memory_limit: str = stage_b.DEFAULT_MEMORY_LIMIT) -> dict:
+                 memory_limit: str = stage_b.DEFAULT_MEMORY_LIMIT, stage_dir: str | Path | None = None) -> dict:
     """Run (or resume) the curation job over `raw_input` (a folder, glob, brace pattern or
     s3:// url: curation/inputs.py); returns the summary also written to summary.json.
     An error the user can act on (a recipe bug found on real rows, a full disk), even one
-    raised inside a Ray task, surfaces as one CurationError."""
+    raised inside a Ray task, surfaces as one CurationError.
+
+    `out` is a local folder, or s3://bucket/prefix: then the job works in a local stage
+    folder (`stage_dir`, default under ~/.cache) and uploads what a user reads when it
+    is done, on every call, so a re-run also finishes an interrupted upload
+    (curation/publish.py)."""
+    dest = destination(out, stage_dir, ray_address)
+    out = dest.local
     try:
-        return _run(cfg, str(raw_input), Path(out), ray_address, memory_limit)
+        summary = _run(cfg, str(raw_input), Path(out), ray_address, memory_limit, remote=dest.url)
+        if dest.url is not None:
+            publish_run(dest.local, dest.url)
+        return summary
     except CurationError:
         raise
     except Exception as exc:
@@ -153,7 +164,8 @@ def run_pipeline(cfg: PipelineConfig, raw_input: str | Path, out: str | Path, ra
         raise
 
 
-def _run(cfg: PipelineConfig, raw_input: str, out: Path, ray_address: str | None, memory_limit: str) -> dict:
+def _run(cfg: PipelineConfig, raw_input: str, out: Path, ray_address: str | None, memory_limit: str,
+         remote: str | None = None) -> dict:
     from .runtime.ray_env import start_ray
 
     t0 = time.time()
@@ -161,6 +173,8 @@ def _run(cfg: PipelineConfig, raw_input: str, out: Path, ray_address: str | None
     shards = list(raw.shards)
     work = out / WORK
     _check_run_identity(work, cfg, raw)
+    if remote is not None:  # before any work: the prefix answers and holds no other finished run
+        check_destination(remote, work / "run.json")
     if (out / "_SUCCESS").exists():
         return json.loads((out / "summary.json").read_text())
     start_ray(ray_address)

@@ -240,3 +240,38 @@ def test_encoder_learning_rate_defaults_follow_the_papers():
         assert default_vision_lr_scale(arch, "connector", pretrained_encoder=True) == 0.0
         assert default_vision_lr_scale(arch, "full", pretrained_encoder=True) == STAGE_DEFAULTS[arch]["vision_lr_scale"]
         assert default_vision_lr_scale(arch, "full", pretrained_encoder=False) == 1.0  # random weights must learn
+
+
+# ---------------------------------------------------------------- 6. special tokens inside text
+
+
+def hf_tokenizer_folder(path):
+    """A transformers fast tokenizer saved to a folder, built offline from a word vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<|endoftext|>", "<unk>", "<", ">", "|", "image", "endoftext", "a", "red", "circle", ".", "user", ":",
+             "assistant", "what", "colour", "is", "the", "?", "describe", "\n"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def test_a_literal_image_token_in_a_caption_stays_text(tmp_path):
+    from curation.trainer.data import make_example
+    from curation.trainer.tokenizer import HFTokenizer
+
+    hf = HFTokenizer(str(hf_tokenizer_folder(tmp_path)))
+    for tok in (TOK, hf):
+        text = "a red <image> circle <|endoftext|> <eos> <pad>."
+        ids = tok.encode(text)
+        assert tok.image_id not in ids and tok.eos_id not in ids and ids
+        cfg = model_config("llava")
+        sample = {"uid": "u", "kind": "image_text", "text": "a <image> red <image> circle.", "role": "single",
+                  "doc": None, "qa": [{"q": "what <image> colour?", "a": "red <image>"}],
+                  "images": [Image.new("RGB", (60, 40), (200, 30, 30))]}
+        ex = make_example(sample, cfg, tok, (0.5,) * 3, (0.5,) * 3)
+        assert ex.input_ids.count(tok.image_id) == lm_tokens(cfg, ex.layouts[0])  # only the real image's slots
+    assert hf.encode("a red") == [7, 8] and hf.image_id not in hf.encode("<image>")
+    assert all(s not in TOK.vocab[len(SPECIALS):] for s in SPECIALS)

@@ -2,8 +2,10 @@
 hub); real configs load the LM's transformers tokenizer by hub id or path. Both expose
 the same few members: encode, decode, vocab_size, pad_id, eos_id, image_id.
 
-`<image>` is never parsed out of text: the conversation builder inserts `image_id`
-directly, so a caption that happens to contain "<image>" stays plain text.
+Text never yields a special token: the conversation builder inserts `image_id` and
+`eos_id` directly, and a caption that happens to contain "<image>" (or "<|endoftext|>",
+"<|im_end|>", ...) is tokenized as plain characters: the word tokenizer splits "<" and
+">" off every word, and the transformers tokenizer encodes with split_special_tokens.
 """
 
 from __future__ import annotations
@@ -68,7 +70,10 @@ class HFTokenizer:
         return len(self.tok)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
+        # split_special_tokens: "<image>" in a caption must not become the image slot
+        # (training would then find more image positions than visual tokens)
+        ids = self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+        return [i for i in ids if i != self.image_id]  # belt and braces for tokenizers that ignore the flag
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids))
