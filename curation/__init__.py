@@ -55,13 +55,16 @@ def load_pipeline(path: str | Path) -> "PipelineConfig":
 
 
 def run(pipeline: "PipelineConfig | str | Path", raw_dir: str | Path, out: str | Path, *,
-        ray_address: str | None = None, memory_limit: str = "512MB", stage_dir: str | Path | None = None) -> dict:
+        ray_address: str | None = None, memory_limit: str = "512MB", input_format: str = "auto",
+        image_column: str | None = None, video_column: str | None = None, text_column: str | None = None,
+        url_column: str | None = None, stage_dir: str | Path | None = None) -> dict:
     """`curate run`: curate `raw_dir`, anything `curate run --input` accepts (see README:
-    Bring your own data), into `out` (running it again on the same `out` resumes). `out`
-    may be s3://bucket/prefix: the job then works in the local folder `stage_dir`
-    (default under ~/.cache) and uploads what a user reads (README, Object storage).
-    `pipeline`: a PipelineConfig (load_pipeline, Pipeline) or
-    what load_pipeline takes. Starts a local Ray instance unless Ray is already
+    Bring your own data), into `out` (running it again on the same `out` resumes).
+    `input_format` (auto, webdataset, parquet, hf-disk, files) and the *_column options
+    are `--input-format`, `--image-column`, ... `out` may be s3://bucket/prefix: the job
+    then works in the local folder `stage_dir` (default under ~/.cache) and uploads what
+    a user reads (README, Object storage). `pipeline`: a PipelineConfig (load_pipeline,
+    Pipeline) or what load_pipeline takes. Starts a local Ray instance unless Ray is already
     initialised in this process or `ray_address` names a cluster. Returns the summary
     (also written to OUT/summary.json).
 
@@ -71,12 +74,16 @@ def run(pipeline: "PipelineConfig | str | Path", raw_dir: str | Path, out: str |
     call ray.init(address=..., runtime_env={"py_modules": [...]}) with your module
     before `run`."""
     from .config import PipelineConfig, load
+    from .inputs import InputOptions
     from .runner import run_pipeline
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
     cfg = pipeline if isinstance(pipeline, PipelineConfig) else load(pipeline)
-    return run_pipeline(cfg, raw_dir, out, ray_address=ray_address, memory_limit=memory_limit, stage_dir=stage_dir)
+    options = InputOptions(format=input_format, image_column=image_column, video_column=video_column,
+                           text_column=text_column, url_column=url_column)
+    return run_pipeline(cfg, raw_dir, out, ray_address=ray_address, memory_limit=memory_limit, input_options=options,
+                        stage_dir=stage_dir)
 
 
 def crawl(input_path: str | Path, out: str | Path, *, kind: str = "image_text", **options: Any) -> "pd.DataFrame":

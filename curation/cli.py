@@ -97,8 +97,12 @@ def cmd_run(args) -> None:
     dest = destination(args.out, args.stage_dir, args.ray_address)  # what cannot work is refused before any work
     cfg = config.load(args.pipeline)  # every recipe mistake is reported before Ray or the runner is imported
     from .runner import run_pipeline
+    from .inputs import InputOptions
+
+    options = InputOptions(format=args.input_format, image_column=args.image_column, video_column=args.video_column,
+                           text_column=args.text_column, url_column=args.url_column)
     summary = run_pipeline(cfg, args.input, args.out, ray_address=args.ray_address, memory_limit=args.memory_limit,
-                           stage_dir=args.stage_dir)
+                           input_options=options, stage_dir=args.stage_dir)
     _print_summary(summary, dest.local, dest.url)
 
 
@@ -333,7 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True,
                    help="raw shards (.tar, .tar.gz, .tgz): a folder (searched recursively; curate crawl's --out), "
                         "a glob ('/data/**/*.tar'), a brace pattern ('/data/shard-{00000..00099}.tar'), or "
-                        "s3://bucket/prefix/ (endpoint from AWS_ENDPOINT_URL); see README, Bring your own data")
+                        "s3://bucket/prefix/ (endpoint from AWS_ENDPOINT_URL); also Hugging Face parquet files "
+                        "(a folder, glob or file), a datasets save_to_disk folder, or a folder of images/videos "
+                        "with .txt/.caption/.json sidecars; see README, Bring your own data")
+    from .inputs import INPUT_FORMATS
+
+    r.add_argument("--input-format", choices=list(INPUT_FORMATS), default="auto",
+                   help="how to read --input (default auto: save_to_disk markers -> hf-disk; any .tar -> webdataset, "
+                        "its .parquet being listings; else .parquet -> parquet; else images/videos -> files)")
+    r.add_argument("--image-column", help="parquet/hf-disk: the image column (HF Image struct, binary, or a list "
+                                          "of them; default: found from the HF features, types and names)")
+    r.add_argument("--video-column", help="parquet/hf-disk: the video column (HF Video struct or binary)")
+    r.add_argument("--text-column", help="parquet/hf-disk: the text column (default: text, caption, txt, alt, ...)")
+    r.add_argument("--url-column", help="parquet/hf-disk: the url column (default: url, image_url, ...); every "
+                                        "other column goes into source_meta")
     r.add_argument("--out", required=True, help="output folder, or s3://bucket/prefix (worked on in --stage-dir, "
                                                 "then uploaded); running again on it resumes")
     r.add_argument("--stage-dir", help="with --out s3://: the local folder the run works in (default: "

@@ -1,7 +1,25 @@
 """What `curate run --input` reads: one place that turns the argument into an ordered
 list of raw shard references, and opens them.
 
-Accepted inputs (raw shards are files ending in .tar, .tar.gz or .tgz):
+Four kinds of input (`--input-format`, default auto; curation/sources.py reads all but
+the first):
+
+* webdataset: raw shards, files ending in .tar, .tar.gz or .tgz (the forms below);
+* parquet: Hugging Face parquet files (a folder of them, e.g. the Hub's
+  data/train-00000-of-00002.parquet, a glob, one file, s3): one shard per file; the
+  image/video/text/url columns are found or named (--image-column, --video-column,
+  --text-column, --url-column), every other column is producer metadata;
+* hf-disk: a `datasets` save_to_disk folder (state.json; or dataset_dict.json and a
+  folder per split): one shard per .arrow file that state.json lists;
+* files: a folder of images or videos with sidecars (cat.jpg + cat.txt/cat.caption +
+  cat.json), in shards of sources.FILES_PER_SHARD samples named part-00000, ...
+
+Auto: a folder with a save_to_disk marker is hf-disk; else one holding any raw shard
+(or our crawl's ledger) is webdataset, its parquet files being listings; else one with
+parquet files is parquet; else one with images or videos is files. A pattern or file
+names raw shards, else .parquet (or .arrow) files.
+
+Accepted forms:
 
 * a local folder, searched recursively. Hidden entries (".*"), folders whose name starts
   with "_" (work folders: img2dataset's _tmp, the crawl's _rounds) and `curate run`
@@ -26,7 +44,7 @@ before. The name is what the ledger's raw_shard column, stage A's commit markers
 uids of samples without one are derived from. Names over MAX_NAME_BYTES become a hash of
 the whole relative path plus its tail.
 
-Beside each shard, `<stem>.parquet` is its listing (rawshards.py). Failed rows of a
+Beside each raw shard (webdataset), `<stem>.parquet` is its listing (rawshards.py). Failed rows of a
 listing (img2dataset's failed_to_download, ...) become ledger rows when the input has
 no crawl ledger (`ShardRef.listing_failures`); with our crawl's folder, whose
 `crawl_ledger-*.parquet` already accounts for every url, they are not read.
@@ -41,7 +59,7 @@ import io
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -50,6 +68,10 @@ from .errors import InputError
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LISTING_SUFFIX = ".parquet"
+# --input-format -> ShardRef.format
+INPUT_FORMATS = {"auto": "auto", "webdataset": "tar", "parquet": "parquet", "hf-disk": "arrow", "files": "files"}
+TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
+COLUMN_OPTIONS = ("image_column", "video_column", "text_column", "url_column")
 MAX_NAME_BYTES = 200  # a name becomes file names under _work (plus ".done.json"): under 255
 MAX_EXPANSIONS = 100_000  # names one brace pattern may spell out
 STREAM_BUFFER = 8 << 20  # bytes per ranged read of an object store shard
@@ -73,14 +95,24 @@ def _io_error(ref_url: str, exc: BaseException) -> ShardIOError:
 @dataclass(frozen=True)
 class ShardRef:
     """One raw shard: its unique name, where it is (an absolute local path or an
-    s3://bucket/key url), its size when listed, and how its listing is read. Pickles and
-    travels to Ray tasks as `token()`."""
+    s3://bucket/key url; for "files", the folder), its size when listed, how its listing
+    is read, and its format with what that format needs. Pickles and travels to Ray tasks
+    as `token()`."""
     name: str
     url: str
     size: int = -1
     listing_failures: bool = False  # failed listing rows are inputs to account for
     endpoint: str | None = None     # s3 only: scheme://host:port, when not AWS itself
     region: str | None = None
+    format: str = "tar"             # tar | parquet | arrow | files (curation/sources.py)
+    image_column: str | None = None  # parquet/arrow: named columns (None: found)
+    video_column: str | None = None
+    text_column: str | None = None
+    url_column: str | None = None
+    members: tuple[str, ...] = ()   # files: the chunk's files, relative to url, in key order
+
+    def __post_init__(self):
+        object.__setattr__(self, "members", tuple(self.members))  # a list after a token's JSON
 
     @property
     def stem(self) -> str:
@@ -122,14 +154,30 @@ def as_shard(shard) -> ShardRef:
         text = os.fsdecode(text)
     if text.startswith(TOKEN_PREFIX):
         return ShardRef.from_token(text)
+    fmt = _table_format(text.rstrip("/").rpartition("/")[2]) or "tar"
     if text.startswith("s3://"):
         endpoint, region = _s3_settings()
-        return ShardRef(name=shard_name(text.rstrip("/").rpartition("/")[2]), url=text, endpoint=endpoint, region=region)
+        return ShardRef(name=shard_name(text.rstrip("/").rpartition("/")[2]), url=text, endpoint=endpoint, region=region,
+                        format=fmt)
     try:
         size = os.stat(text).st_size
     except OSError:
         size = -1  # the reader reports it as an unreadable shard
-    return ShardRef(name=shard_name(Path(text).name), url=text, size=size)
+    return ShardRef(name=shard_name(Path(text).name), url=text, size=size, format=fmt)
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """How to read --input: its format (INPUT_FORMATS) and, for parquet and hf-disk,
+    the columns named by the user (None: found from the features, types and names)."""
+    format: str = "auto"
+    image_column: str | None = None
+    video_column: str | None = None
+    text_column: str | None = None
+    url_column: str | None = None
+
+    def columns(self) -> dict:
+        return {k: getattr(self, k) for k in COLUMN_OPTIONS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -139,6 +187,7 @@ class RawInput:
     shards: tuple[ShardRef, ...]       # ordered by name
     source: str                        # samples' default source: the root's name
     crawl_ledgers: tuple[Path, ...]    # our crawl's ledgers (a local folder input only)
+    options: InputOptions = field(default_factory=InputOptions)  # format: the one found (ShardRef.format)
 
 
 # ------------------------------------------------------------------------------ names
@@ -156,6 +205,36 @@ def shard_name(relative: str) -> str:
 
 def is_shard_name(name: str) -> bool:
     return any(name.endswith(s) and len(name) > len(s) for s in SHARD_SUFFIXES)
+
+
+def _table_format(name: str) -> str | None:
+    """"x.parquet" -> "parquet", "x.arrow" -> "arrow", else None."""
+    return next((f for s, f in TABLE_SUFFIXES.items() if name.endswith(s) and len(name) > len(s)), None)
+
+
+def _name_format(name: str) -> str | None:
+    return "tar" if is_shard_name(name) else _table_format(name)
+
+
+def _pick_named(found: dict, forced: str, spec: str) -> str:
+    """Among the data files a pattern matched ({format: ...}), the format read: raw
+    shards first (parquet beside them are listings), then parquet, then arrow."""
+    if forced in ("arrow", "files"):
+        raise InputError(f"--input-format {'hf-disk' if forced == 'arrow' else 'files'} takes a folder, not {spec}")
+    for fmt in ("tar", "parquet", "arrow"):
+        if found.get(fmt) and forced in ("auto", fmt):
+            return fmt
+    return "tar" if forced == "auto" else forced
+
+
+def _what_named(names: list[str]) -> str:
+    return "raw shards" if all(is_shard_name(n.rpartition("/")[2]) for n in names) else "files"
+
+
+def _no_data(spec: str, fmt: str, verb: str = "under") -> InputError:
+    what = {"tar": f"raw shards (*{', *'.join(SHARD_SUFFIXES)})", "parquet": "parquet files (*.parquet)",
+            "arrow": "arrow files", "files": f"images or videos"}[fmt]
+    return InputError(f"no {what} {verb} {spec}")
 
 
 def _check_unique(shards: list[ShardRef], spec: str) -> None:
@@ -303,16 +382,81 @@ def _skipped_dir(path: Path) -> bool:
     return path.name.startswith((".", "_")) or (path / "_work").is_dir()
 
 
-def _walk_local(root: Path) -> list[Path]:
+def _walk_local(root: Path) -> list[tuple[str, int]]:
+    """(path relative to root, size) of every regular file below it, by the folder rules."""
     found = []
     for folder, dirs, files in os.walk(root):  # symlinked folders are not followed (loops)
         here = Path(folder)
         dirs[:] = sorted(d for d in dirs if not _skipped_dir(here / d))
-        found.extend(here / f for f in files if not f.startswith(".") and is_shard_name(f))
+        for f in sorted(files):
+            if f.startswith("."):
+                continue
+            p = here / f
+            try:
+                st = p.stat()
+            except OSError:
+                continue  # a dangling link or a file gone since the listing
+            if p.is_file():
+                found.append((p.relative_to(root).as_posix(), st.st_size))
     return found
 
 
-def _local_refs(root: Path, paths: list[Path], listing_failures: bool) -> list[ShardRef]:
+def _local_reader(root: str):
+    from .sources import local_reader
+
+    return local_reader(root)
+
+
+def _resolve_folder(spec: str, source: str, entries: list[tuple[str, int]], root_url: str, opts: InputOptions,
+                    ledgers: tuple, endpoint: str | None, region: str | None, read_text) -> RawInput:
+    """A folder's files (relative path, size) -> its shards, in the format found or forced."""
+    from . import sources
+
+    forced = INPUT_FORMATS[opts.format]
+    rels = {r for r, _ in entries}
+    if forced in ("auto", "arrow") and rels & {"state.json", "dataset_dict.json"}:
+        fmt = "arrow"
+    elif forced == "arrow":
+        raise InputError(f"{spec} is not a save_to_disk folder (no state.json or dataset_dict.json)")
+    else:
+        fmt = sources.pick_format(sorted(rels), forced, bool(ledgers), is_shard_name)
+    if fmt not in ("parquet", "arrow") and opts.columns():
+        raise InputError(f"--{next(iter(opts.columns())).replace('_', '-')} applies to parquet and hf-disk inputs; "
+                         f"{spec} is read as {'webdataset' if fmt == 'tar' else fmt}")
+    base = root_url.rstrip("/")
+
+    def ref(rel: str, size: int, **kw) -> ShardRef:
+        return ShardRef(name=shard_name(rel), url=f"{base}/{rel}", size=size, endpoint=endpoint, region=region, **kw)
+
+    if fmt == "tar":
+        shards = [ref(r, n, listing_failures=not ledgers) for r, n in entries if is_shard_name(r.rpartition("/")[2])]
+    elif fmt == "parquet":
+        shards = [ref(r, n, format="parquet", **opts.columns()) for r, n in entries if _table_format(r) == "parquet"]
+    elif fmt == "arrow":
+        sizes = dict(entries)
+        shards = []
+        for rel, features in sources.disk_files(rels, read_text):
+            named = ShardRef(name="", url="", **opts.columns())
+            shards.append(ref(rel, sizes[rel], format="arrow",
+                              **{**opts.columns(), **sources.columns_from_features(features, named)}))
+    else:
+        shards = sources.files_shards(entries, lambda name, members, size: ShardRef(
+            name=name, url=base, size=size, endpoint=endpoint, region=region, format="files", members=members))
+    if not shards:
+        raise _no_data(spec, fmt)
+    return _finish(spec, shards, source, ledgers if fmt == "tar" else (), opts, fmt)
+
+
+def _finish(spec: str, shards: list[ShardRef], source: str, ledgers: tuple, opts: InputOptions, fmt: str) -> RawInput:
+    shards = sorted(shards, key=lambda r: r.name)
+    if fmt in ("parquet", "arrow"):
+        from .sources import check_first
+
+        check_first(shards[0])
+    return RawInput(spec, tuple(shards), source, ledgers, replace(opts, format=fmt))
+
+
+def _local_refs(root: Path, paths: list[Path], listing_failures: bool = False, **fields) -> list[ShardRef]:
     refs = {}
     for p in paths:
         try:
@@ -324,44 +468,60 @@ def _local_refs(root: Path, paths: list[Path], listing_failures: bool) -> list[S
         rel = p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name
         absolute = str(p.absolute())
         refs.setdefault(absolute, ShardRef(name=shard_name(rel), url=absolute, size=st.st_size,
-                                           listing_failures=listing_failures))
+                                           listing_failures=listing_failures, **fields))
     return sorted(refs.values(), key=lambda r: r.name)
 
 
-def _resolve_local(spec: str) -> RawInput:
+def _file_fields(fmt: str, opts: InputOptions, spec: str) -> dict:
+    if fmt == "tar":
+        if opts.columns():
+            raise InputError(f"--{next(iter(opts.columns())).replace('_', '-')} applies to parquet and hf-disk inputs, "
+                             f"not to the raw shards of {spec}")
+        return {"listing_failures": True}
+    return {"format": fmt, **opts.columns()}
+
+
+def _resolve_local(spec: str, opts: InputOptions) -> RawInput:
     path = Path(spec).expanduser().absolute()
     text = str(path)
     names = expand_braces(text)
+    forced = INPUT_FORMATS[opts.format]
     if path.exists() or (names == [text] and not _has_glob(text)):  # an existing path is never a pattern
         if not path.exists():
             raise InputError(f"input folder not found: {spec}")
         if path.is_dir():
             ledgers = tuple(sorted(p for p in path.glob(CRAWL_LEDGER_GLOB) if p.is_file()))
-            shards = _local_refs(path, _walk_local(path), listing_failures=not ledgers)
-            if not shards:
-                raise InputError(f"no raw shards (*{', *'.join(SHARD_SUFFIXES)}) under {spec}")
-            return RawInput(text, tuple(shards), path.name, ledgers)
-        if not is_shard_name(path.name):
-            raise InputError(f"--input {spec} is a file but not a raw shard ({', '.join(SHARD_SUFFIXES)})")
-        return RawInput(text, tuple(_local_refs(path.parent, [path], True)), path.parent.name, ())
+            return _resolve_folder(text, path.name, _walk_local(path), text, opts, ledgers, None, None,
+                                   _local_reader(text))
+        fmt = _name_format(path.name)
+        if fmt is None or forced not in ("auto", fmt):
+            raise InputError(f"--input {spec} is a file but not a raw shard ({', '.join(SHARD_SUFFIXES)}) or a "
+                             ".parquet/.arrow file" + ("" if forced == "auto" else f" of --input-format {opts.format}"))
+        shards = _local_refs(path.parent, [path], **_file_fields(fmt, opts, spec))
+        return _finish(text, shards, path.parent.name, (), opts, fmt)
     # a pattern: names relative to its folder part
     root = Path(_static_dir(text))
-    found, missing = [], []
+    found: dict[str, list[Path]] = {}
+    missing = []
     for name in names:
         if _has_glob(name):
-            found.extend(Path(p) for p in globlib.glob(name, recursive=True) if is_shard_name(Path(p).name))
-        elif not is_shard_name(Path(name).name):
-            raise InputError(f"--input pattern names {name}, which is not a raw shard ({', '.join(SHARD_SUFFIXES)})")
+            for p in globlib.glob(name, recursive=True):
+                if _name_format(Path(p).name):
+                    found.setdefault(_name_format(Path(p).name), []).append(Path(p))
+        elif not _name_format(Path(name).name):
+            raise InputError(f"--input pattern names {name}, which is not a raw shard ({', '.join(SHARD_SUFFIXES)}) "
+                             "or a .parquet/.arrow file")
         elif Path(name).is_file():
-            found.append(Path(name))
+            found.setdefault(_name_format(Path(name).name), []).append(Path(name))
         else:
             missing.append(name)
     if missing:
-        raise InputError(f"{len(missing)} raw shards named by {spec} do not exist, e.g. {missing[0]}")
-    shards = _local_refs(root, found, listing_failures=True)
+        raise InputError(f"{len(missing)} {_what_named(missing)} named by {spec} do not exist, e.g. {missing[0]}")
+    fmt = _pick_named(found, forced, spec)
+    shards = _local_refs(root, found.get(fmt, []), **_file_fields(fmt, opts, spec))
     if not shards:
-        raise InputError(f"no raw shards (*{', *'.join(SHARD_SUFFIXES)}) match {spec}")
-    return RawInput(text, tuple(shards), root.name or "input", ())
+        raise _no_data(spec, fmt, "match")
+    return _finish(text, shards, root.name or "input", (), opts, fmt)
 
 
 # --------------------------------------------------------------------------------- s3
@@ -406,21 +566,41 @@ def _list_s3(filesystem, bucket: str, prefix: str) -> list:
     return [i for i in infos if i.type == fs.FileType.File]
 
 
-def _resolve_s3(spec: str) -> RawInput:
+def _s3_reader(filesystem, root: str):
+    """read_text for the small JSON files of a save_to_disk folder on s3."""
+    from .sources import MAX_INFO_BYTES
+
+    def read_text(rel: str) -> str:
+        try:
+            with filesystem.open_input_file(f"{root}/{rel}") as f:
+                data = f.read(MAX_INFO_BYTES + 1)
+        except OSError as exc:
+            raise InputError(f"cannot read s3://{root}/{rel}: {' '.join(str(exc).split())[:300]}") from None
+        if len(data) > MAX_INFO_BYTES:
+            raise InputError(f"s3://{root}/{rel} is over {MAX_INFO_BYTES} bytes")
+        return data.decode("utf-8", "replace")
+    return read_text
+
+
+def _resolve_s3(spec: str, opts: InputOptions) -> RawInput:
     from pyarrow import fs
 
     endpoint, region = _s3_settings()
     filesystem = s3_filesystem(endpoint, region)
     bucket, key = _split_s3(spec)
+    forced = INPUT_FORMATS[opts.format]
 
-    def ref(path: str, size: int, root: str) -> ShardRef:
+    def ref(path: str, size: int, root: str, fmt: str) -> ShardRef:
         rel = path[len(root):].lstrip("/") if root and path.startswith(root + "/") else path.rpartition("/")[2]
-        return ShardRef(name=shard_name(rel), url=f"s3://{path}", size=int(size), listing_failures=True,
-                        endpoint=endpoint, region=region)
+        return ShardRef(name=shard_name(rel), url=f"s3://{path}", size=int(size), endpoint=endpoint, region=region,
+                        **_file_fields(fmt, opts, spec))
 
     names = expand_braces(key)
     if names == [key] and not _has_glob(key):
-        if is_shard_name(key.rpartition("/")[2]):  # one object
+        fmt = _name_format(key.rpartition("/")[2])
+        if fmt is not None:  # one object
+            if forced not in ("auto", fmt):
+                raise InputError(f"--input {spec} is not a folder or file of --input-format {opts.format}")
             try:
                 info = filesystem.get_file_info(f"{bucket}/{key}")
             except OSError as exc:
@@ -428,27 +608,26 @@ def _resolve_s3(spec: str) -> RawInput:
             if info.type != fs.FileType.File:
                 raise InputError(f"input not found: {spec}")
             root = f"{bucket}/{key}".rpartition("/")[0]
-            return RawInput(spec, (ref(info.path, info.size, root),), root.rpartition("/")[2] or bucket, ())
+            return _finish(spec, [ref(info.path, info.size, root, fmt)], root.rpartition("/")[2] or bucket, (), opts, fmt)
         root = f"{bucket}/{key}".rstrip("/")
         listed = _list_s3(filesystem, bucket, key)
         rels = [info.path[len(root) + 1:] for info in listed]
         # `curate run` outputs (a folder holding _work/) are skipped, as in a local folder
         outputs = {rel[: rel.index("_work/")] for rel in rels if rel.startswith("_work/") or "/_work/" in rel}
-        shards = []
+        entries = []
         for info, rel in zip(listed, rels):
             segments = rel.split("/")
             if any(s.startswith((".", "_")) for s in segments[:-1]) or segments[-1].startswith(".") \
-                    or not is_shard_name(segments[-1]) or any(rel.startswith(o) for o in outputs if o):
+                    or any(rel.startswith(o) for o in outputs if o):
                 continue
-            shards.append(ref(info.path, info.size, root))
-        if not shards:
-            raise InputError(f"no raw shards (*{', *'.join(SHARD_SUFFIXES)}) under {spec}")
-        return RawInput(spec, tuple(sorted(shards, key=lambda r: r.name)), root.rpartition("/")[2] or bucket, ())
+            entries.append((rel, int(info.size)))
+        return _resolve_folder(spec, root.rpartition("/")[2] or bucket, sorted(entries), f"s3://{root}", opts, (),
+                               endpoint, region, _s3_reader(filesystem, root))
     static = _static_dir(key)
     static = "" if static in (".", "/") else static
     root = f"{bucket}/{static}".rstrip("/")
     listed = None
-    found: dict[str, ShardRef] = {}
+    found: dict[str, dict[str, tuple]] = {}
     missing = []
     for name in names:
         if _has_glob(name):
@@ -457,39 +636,45 @@ def _resolve_s3(spec: str) -> RawInput:
             rx = glob_regex(name)
             for info in listed:
                 k = info.path[len(bucket) + 1:]
-                if rx.match(k) and is_shard_name(k.rpartition("/")[2]):
-                    found.setdefault(info.path, ref(info.path, info.size, root))
-        elif not is_shard_name(name.rpartition("/")[2]):
-            raise InputError(f"--input pattern names s3://{bucket}/{name}, which is not a raw shard")
+                fmt = _name_format(k.rpartition("/")[2])
+                if rx.match(k) and fmt:
+                    found.setdefault(fmt, {}).setdefault(info.path, (info.path, info.size))
+        elif not _name_format(name.rpartition("/")[2]):
+            raise InputError(f"--input pattern names s3://{bucket}/{name}, which is not a raw shard or a .parquet/.arrow file")
         else:
             try:
                 info = filesystem.get_file_info(f"{bucket}/{name}")
             except OSError as exc:
                 raise InputError(f"cannot read s3://{bucket}/{name}: {' '.join(str(exc).split())[:300]}") from None
             if info.type == fs.FileType.File:
-                found.setdefault(info.path, ref(info.path, info.size, root))
+                found.setdefault(_name_format(name.rpartition("/")[2]), {}).setdefault(info.path, (info.path, info.size))
             else:
                 missing.append(f"s3://{bucket}/{name}")
     if missing:
-        raise InputError(f"{len(missing)} raw shards named by {spec} do not exist, e.g. {missing[0]}")
-    if not found:
-        raise InputError(f"no raw shards (*{', *'.join(SHARD_SUFFIXES)}) match {spec}")
-    return RawInput(spec, tuple(sorted(found.values(), key=lambda r: r.name)), root.rpartition("/")[2] or bucket, ())
+        raise InputError(f"{len(missing)} {_what_named(missing)} named by {spec} do not exist, e.g. {missing[0]}")
+    fmt = _pick_named(found, forced, spec)
+    shards = [ref(path, size, root, fmt) for path, size in found.get(fmt, {}).values()]
+    if not shards:
+        raise _no_data(spec, fmt, "match")
+    return _finish(spec, shards, root.rpartition("/")[2] or bucket, (), opts, fmt)
 
 
 # ------------------------------------------------------------------------- entry point
-def resolve_input(spec: str | os.PathLike) -> RawInput:
+def resolve_input(spec: str | os.PathLike, options: InputOptions | None = None) -> RawInput:
     """--input -> the raw shards to read, in name order (see the module docstring)."""
+    opts = options or InputOptions()
+    if opts.format not in INPUT_FORMATS:
+        raise InputError(f"unknown input format {opts.format!r}; formats are {list(INPUT_FORMATS)}")
     text = os.fspath(spec)
     if not isinstance(text, str) or not text:
         raise InputError("--input is empty")
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
     if scheme and scheme.group(1).lower() == "s3":
-        raw = _resolve_s3("s3://" + text[len(scheme.group(0)):])
+        raw = _resolve_s3("s3://" + text[len(scheme.group(0)):], opts)
     elif scheme:
         raise InputError(f"--input {text}: {scheme.group(1)}:// is not supported (a local path or s3:// url)")
     else:
-        raw = _resolve_local(text)
+        raw = _resolve_local(text, opts)
     _check_unique(list(raw.shards), text)
     return raw
 

@@ -1,4 +1,6 @@
-"""Read raw shards: WebDataset tars (from our crawl, img2dataset, or any producer).
+"""Read raw shards: WebDataset tars (from our crawl, img2dataset, or any producer), and
+through the same walk HF parquet, `save_to_disk` folders and plain folders of media
+(curation/sources.py: their rows and files become the same samples, with the same caps).
 
 Members are grouped into samples by key (the basename up to the first dot). Metadata
 is read with json.loads only: nothing from a shard is ever unpickled or evaluated, and a
@@ -141,6 +143,7 @@ class ReadCaps:
     max_text_bytes: int = 1 << 20      # txt/caption member; longer fails 'text_too_large'
     max_members_per_sample: int = 256
     max_listing_rows: int = 10_000_000  # a longer `<stem>.parquet` listing is ignored
+    max_rows_per_file: int = 10_000_000  # a parquet/arrow input file claiming more is unreadable_shard
     # A compressed shard (.tar.gz, .tgz, or any gzip/bz2/xz data) is read until it has
     # inflated to min_inflate_bytes + max_inflate_ratio x its compressed size; past that
     # it is a compression bomb and reading stops there (`decompressed_too_large`).
@@ -355,6 +358,28 @@ class _Sample:
             self.reason, self.error = reason, _one_line(error)
             self.files = {k: v for k, v in self.files.items() if k == "json"}  # json only: for the uid
 
+    def admit(self, ext: str, size: int, caps: ReadCaps, sparse: bool = False) -> bool:
+        """Count a member of `size` bytes against the caps (the sample fails at the first
+        one it breaks); True when the sample may keep its data."""
+        self.members += 1
+        if self.members > caps.max_members_per_sample:
+            self.fail("too_many_members", f"more than {caps.max_members_per_sample} members")
+        elif sparse:
+            self.fail("unsupported_member", f"member .{ext[:40]} is a GNU sparse file")
+        elif size > caps.max_member_bytes:
+            self.fail("member_too_large", f"member .{ext[:40]} is {size} bytes, over the {caps.max_member_bytes} cap")
+        elif self.size + size > caps.max_sample_bytes:
+            self.fail("sample_too_large", f"members add up to over the {caps.max_sample_bytes} bytes cap")
+        elif ext == "json" and size > caps.max_json_bytes:
+            self.fail("json_too_large", f"json member is {size} bytes, over the {caps.max_json_bytes} cap")
+        elif ext in TEXT_EXTS and size > caps.max_text_bytes:
+            self.fail("text_too_large", f"{ext} member is {size} bytes, over the {caps.max_text_bytes} cap")
+        elif ext in self.exts:
+            self.fail("duplicate_member", f"member .{ext[:40]} appears twice in the sample")
+        self.exts.add(ext)
+        self.size += size
+        return self.reason is None
+
 
 @dataclass
 class _WalkState:
@@ -409,7 +434,13 @@ def _stopped(state: _WalkState, exc: BaseException, shard: ShardRef) -> None:
 
 def _walk(shard: ShardRef, caps: ReadCaps, want_data: bool, state: _WalkState) -> Iterator[_Sample]:
     """Samples in tar order. Decides everything from the headers, so the same samples,
-    with the same failures, come out whether or not data is read (want_data)."""
+    with the same failures, come out whether or not data is read (want_data). Other
+    formats (ShardRef.format) are walked by curation/sources.py."""
+    if shard.format != "tar":
+        from .sources import walk_source
+
+        yield from walk_source(shard, caps, want_data, state)
+        return
     try:
         tar, closers = _open_tar(shard, caps)
     except ShardIOError:
@@ -452,24 +483,8 @@ def _walk(shard: ShardRef, caps: ReadCaps, want_data: bool, state: _WalkState) -
                 if n:
                     cur.fail("duplicate_key", f"key {_show(key)} appears again after other keys "
                                               f"(occurrence {n + 1}); the first one is the sample")
-            cur.members += 1
             size = member.size
-            if cur.members > caps.max_members_per_sample:
-                cur.fail("too_many_members", f"more than {caps.max_members_per_sample} members")
-            elif member.issparse():
-                cur.fail("unsupported_member", f"member .{ext[:40]} is a GNU sparse file")
-            elif size > caps.max_member_bytes:
-                cur.fail("member_too_large", f"member .{ext[:40]} is {size} bytes, over the {caps.max_member_bytes} cap")
-            elif cur.size + size > caps.max_sample_bytes:
-                cur.fail("sample_too_large", f"members add up to over the {caps.max_sample_bytes} bytes cap")
-            elif ext == "json" and size > caps.max_json_bytes:
-                cur.fail("json_too_large", f"json member is {size} bytes, over the {caps.max_json_bytes} cap")
-            elif ext in TEXT_EXTS and size > caps.max_text_bytes:
-                cur.fail("text_too_large", f"{ext} member is {size} bytes, over the {caps.max_text_bytes} cap")
-            elif ext in cur.exts:
-                cur.fail("duplicate_member", f"member .{ext[:40]} appears twice in the sample")
-            cur.exts.add(ext)
-            cur.size += size
+            cur.admit(ext, size, caps, member.issparse())
             keep = want_data and (cur.reason is None or (
                 cur.occurrence == 0 and ext == "json" and "json" not in cur.files and size <= caps.max_json_bytes))
             try:
@@ -587,7 +602,7 @@ def _entries(shard: ShardRef, caps: ReadCaps, want_data: bool) -> Iterator[_Entr
     for sample in _walk(shard, caps, want_data, state):
         n += 1
         yield _Entry(sample=sample)
-    listing = _read_listing(shard, caps)
+    listing = _read_listing(shard, caps) if shard.format == "tar" else None  # listings sit beside tars only
     written = listing.written if listing else {}
     missing = sorted(k for k in written if k not in state.keys)
     listing_name = shard.listing_url.rpartition("/")[2]

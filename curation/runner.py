@@ -22,6 +22,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from . import decide as stage_b
@@ -30,7 +31,7 @@ from .config import PipelineConfig
 from .errors import NO_SPACE_ERRNOS, ConfigError, CurationError, DiskFullError, InputError, curation_error_in
 from .fsutil import atomic_write_text
 from .publish import check_destination, destination, publish_run
-from .inputs import RawInput, ShardRef, resolve_input
+from .inputs import InputOptions, RawInput, ShardRef, resolve_input
 from .rawshards import count_samples
 
 WORK = "_work"
@@ -46,13 +47,16 @@ def _check_run_identity(work: Path, cfg: PipelineConfig, raw: RawInput) -> None:
                 "config_hash": cfg.config_hash, "input": raw.spec,
                 "crawl_ledgers": [str(p) for p in raw.crawl_ledgers],
                 "raw_shards": {p.name: p.size for p in raw.shards},
+                # how they are read: the same files read with other columns are another input
+                "input_options": asdict(raw.options),
                 # What plan and export read later (config.for_output): no file or module needed.
                 "recipe": cfg.describe()}
     marker = work / "run.json"
     if marker.exists():
         previous = json.loads(marker.read_text())
         other_config = previous.get("config_hash") != cfg.config_hash
-        other_input = previous.get("raw_shards") != identity["raw_shards"]
+        other_input = (previous.get("raw_shards") != identity["raw_shards"] or
+                       previous.get("input_options", asdict(InputOptions(format="tar"))) != identity["input_options"])
         if not (other_config or other_input):
             return
         if (work.parent / "_SUCCESS").exists():
@@ -135,9 +139,12 @@ def _restart_ray(address: str | None) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, raw_input: str | Path, out: str | Path, ray_address: str | None = None,
-                 memory_limit: str = stage_b.DEFAULT_MEMORY_LIMIT, stage_dir: str | Path | None = None) -> dict:
+                 memory_limit: str = stage_b.DEFAULT_MEMORY_LIMIT, input_options: InputOptions | None = None,
+                 stage_dir: str | Path | None = None) -> dict:
     """Run (or resume) the curation job over `raw_input` (a folder, glob, brace pattern or
-    s3:// url: curation/inputs.py); returns the summary also written to summary.json.
+    s3:// url of raw shards, HF parquet, a save_to_disk folder or a folder of media, read
+    as `input_options` says: curation/inputs.py); returns the summary also written to
+    summary.json.
     An error the user can act on (a recipe bug found on real rows, a full disk), even one
     raised inside a Ray task, surfaces as one CurationError.
 
@@ -148,7 +155,7 @@ def run_pipeline(cfg: PipelineConfig, raw_input: str | Path, out: str | Path, ra
     dest = destination(out, stage_dir, ray_address)
     out = dest.local
     try:
-        summary = _run(cfg, str(raw_input), Path(out), ray_address, memory_limit, remote=dest.url)
+        summary = _run(cfg, str(raw_input), Path(out), ray_address, memory_limit, input_options, remote=dest.url)
         if dest.url is not None:
             publish_run(dest.local, dest.url)
         return summary
@@ -165,11 +172,11 @@ def run_pipeline(cfg: PipelineConfig, raw_input: str | Path, out: str | Path, ra
 
 
 def _run(cfg: PipelineConfig, raw_input: str, out: Path, ray_address: str | None, memory_limit: str,
-         remote: str | None = None) -> dict:
+         input_options: InputOptions | None = None, remote: str | None = None) -> dict:
     from .runtime.ray_env import start_ray
 
     t0 = time.time()
-    raw = resolve_input(raw_input)
+    raw = resolve_input(raw_input, input_options)
     shards = list(raw.shards)
     work = out / WORK
     _check_run_identity(work, cfg, raw)

@@ -1,8 +1,8 @@
 """From tier shards to packed batches.
 
   plan.json stage --> per-tier webdataset pipelines (resampled shards, key selection,
-  held-out split, shuffle buffer) --> weighted mix --> decode (jpg/png/mp4/txt/json only;
-  never pickle) --> conversation --> token ids + labels --> packed rows.
+  held-out split, shuffle buffer) --> weighted mix --> decode (jpg/png/webp, mp4/webm,
+  txt, json only; never pickle) --> conversation --> token ids + labels --> packed rows.
 
 Held-out split: a sample whose uid hashes to 0 mod 10 is never trained on; eval reads
 exactly those. Packing puts several samples in one row; each keeps its own position ids
@@ -39,6 +39,7 @@ USER, ASSISTANT = "User:", "Assistant:"
 DESCRIBE_IMAGE, DESCRIBE_VIDEO = "Describe the image.", "Describe the video."
 TEMPLATE_TEXT = [USER, ASSISTANT, DESCRIBE_IMAGE, DESCRIBE_VIDEO]
 HELD_OUT_MOD = 10
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov")  # tiers name clips mp4 or webm (curation.media); PyAV reads all
 
 
 def is_held_out(uid: str) -> bool:
@@ -143,13 +144,14 @@ def qa_pairs(source_meta) -> list[dict]:
 
 def decode_sample(raw: dict, frames_per_video: int) -> dict:
     """A raw webdataset sample (bytes per extension) -> text, metadata and PIL images.
-    Only json, txt, jpg/png and mp4 are decoded, each explicitly."""
+    Only json, txt, jpg/png/webp and mp4/webm clips are decoded, each explicitly."""
     meta = json.loads(raw["json"])
     text = meta.get("caption") or meta.get("text") or raw.get("txt", b"").decode("utf-8")
     sample = {"uid": meta.get("uid") or raw["__key__"], "kind": meta.get("kind"), "text": text,
               "qa": qa_pairs(meta.get("source_meta")), "doc": None, "images": [], "role": "single"}
-    if "mp4" in raw:
-        sample.update(kind="video", role="frame", images=decode_video(raw["mp4"], frames_per_video))
+    video = next((e for e in VIDEO_EXTS if e in raw), None)
+    if video is not None:
+        sample.update(kind="video", role="frame", images=decode_video(raw[video], frames_per_video))
     elif meta.get("kind") == "interleaved" or meta.get("doc"):
         doc = json.loads(meta["doc"]) if isinstance(meta.get("doc"), str) else meta.get("doc")
         items = []
@@ -382,7 +384,8 @@ def _weighted_mix(iterators: list, weights: list[float], rng: random.Random):
 
 
 def held_out_samples(sources: list[TierSource], frames_per_video: int, limit_per_tier: int | None = None):
-    """(tier, decoded sample) for held-out uids, tier by tier in shard order."""
+    """(tier, decoded sample) for held-out uids, tier by tier in shard order. A sample that
+    cannot be decoded is skipped with a warning, as in training."""
     for src in sources:
         count = 0
         pipeline = wds.DataPipeline(wds.SimpleShardList(src.shards), wds.tarfile_to_samples(),
@@ -390,5 +393,10 @@ def held_out_samples(sources: list[TierSource], frames_per_video: int, limit_per
         for raw in pipeline:
             if limit_per_tier is not None and count >= limit_per_tier:
                 break
+            try:
+                sample = decode_sample(raw, frames_per_video)
+            except (ValueError, OSError, KeyError) as exc:
+                warnings.warn(f"skipping held-out sample {raw.get('__key__')} of {raw.get('__url__')}: {exc}")
+                continue
             count += 1
-            yield src.tier, decode_sample(raw, frames_per_video)
+            yield src.tier, sample
