@@ -485,15 +485,17 @@ def check_run(out: Path, raw_spec: str, env: dict | None = None) -> dict:
 
 @pytest.mark.slow
 def test_curate_run_over_a_mixed_s3_prefix(tmp_path, s3):
-    """One run (Ray tasks read the shards from the object store): subfolders with the same
-    file names, .tar.gz/.tgz, img2dataset's layout with failed urls and its own fields,
-    kinds told by the members, a gzip bomb. Every input is in the ledger once."""
+    """One run from the object store to the object store (Ray tasks read the shards; the
+    run works in --stage-dir and publishes there): subfolders with the same file names,
+    .tar.gz/.tgz, img2dataset's layout with failed urls and its own fields, kinds told by
+    the members, a gzip bomb. Every input is in the ledger once."""
     filesystem, env = s3
     build_mixed_input(tmp_path / "raw", np.random.default_rng(7))
     upload(filesystem, tmp_path / "raw", "bkt/raw")
-    out = tmp_path / "out"
-    curate("run", write_recipe(tmp_path / "cheap.yaml"), "--input", "s3://bkt/raw/", "--out", out,
-           env={**os.environ, **env})
+    out = tmp_path / "out"  # the stage folder: what a local --out would hold
+    args = ("run", write_recipe(tmp_path / "cheap.yaml"), "--input", "s3://bkt/raw/", "--out", "s3://bkt/curated",
+            "--stage-dir", out)
+    proc = curate(*args, env={**os.environ, **env})
     ledger = check_run(out, "s3://bkt/raw/")
     assert json.loads((out / "_work" / "run.json").read_text())["input"] == "s3://bkt/raw/"
     assert {k for k in ledger if k[0].endswith("part.tar")} == {(f"{d}%2Fpart.tar", f"k{i}") for d in "ab" for i in range(3)}
@@ -518,3 +520,7 @@ def test_curate_run_over_a_mixed_s3_prefix(tmp_path, s3):
     manifests = list((out / "tiers").glob("*/manifest.json"))
     assert sum(json.loads(m.read_text())["num_samples"] for m in manifests) == sum(
         r["status"] == "kept" for r in ledger.values())
+
+    from .test_publish import check_published_run  # --out s3://: the objects, a resume, an export
+
+    check_published_run(filesystem, env, proc, args, out, "s3://bkt/curated", tmp_path)

@@ -78,7 +78,7 @@ def remote(filesystem, url: str = URL) -> dict[str, bytes]:
     for info in filesystem.get_file_info(fs.FileSelector(base, recursive=True, allow_not_found=True)):
         if info.type == fs.FileType.File:
             rel = info.path[len(base) + 1:]
-            if rel != publish.RECORD:
+            if rel not in (publish.RECORD, publish.EXPORT_RECORD):
                 with filesystem.open_input_stream(info.path, compression=None) as f:
                     out[rel] = f.read()
     return out
@@ -247,38 +247,26 @@ def test_readers_point_at_the_stage_folder(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------- end to end
-@pytest.mark.slow
-def test_curate_run_to_s3_publishes_the_stage_folder_and_resumes(tmp_path, s3):
-    """One small run of img2dataset output to s3://: the objects are the stage folder's
-    user files byte for byte, the failed urls are crawl rows; a lost object comes back."""
-    from .rawgen import write_recipe
-    from .test_inputs import img2dataset_shard
-
-    filesystem, env = s3
-    expected = img2dataset_shard(tmp_path / "i2d", np.random.default_rng(5))
-    stage = tmp_path / "stage"
-    args = ("run", write_recipe(tmp_path / "cheap.yaml"), "--input", tmp_path / "i2d", "--out", URL, "--stage-dir", stage)
-    proc = curate(*args, env={**os.environ, **env})
-    assert f"published {URL}: uploaded" in proc.stderr and f"output:  {URL}" in proc.stdout
+def check_published_run(filesystem, env: dict, proc, args: tuple, stage: Path, url: str, tmp_path: Path) -> None:
+    """After `curate run ... --out URL --stage-dir STAGE` (args; proc its result; the one
+    Ray run of these tests is tests/test_inputs.py's s3 run): the objects are the stage
+    folder's user files byte for byte; a lost object comes back alone on a re-run (the
+    stage folder is finished: no Ray); an export to s3:// is uploaded, records last."""
+    assert f"published {url}: uploaded" in proc.stderr and f"output:  {url}" in proc.stdout
     names = {rel for step in publish.run_files(stage) for rel in step}
     assert {"ledger.parquet", "summary.json", "_SUCCESS", "_work/run.json"} <= names
     assert any(n.endswith(".tar") for n in names) and any(n.endswith("/manifest.json") for n in names)
-    assert remote(filesystem) == local_files(stage, names)
-    ledger = pq.read_table(stage / "ledger.parquet").to_pylist()
-    assert len(ledger) == len({r["uid"] for r in ledger}) == len(expected)
-    assert sorted((r["raw_key"], r["stage"]) for r in ledger if r["status"] == "failed") == [
-        ("000000001", "crawl"), ("000000003", "crawl")]
+    assert remote(filesystem, url) == local_files(stage, names)
 
     tar = sorted(n for n in names if n.endswith(".tar"))[0]
-    filesystem.delete_file(f"bkt/runs/one/{tar}")
-    proc = curate(*args, env={**os.environ, **env})  # the stage folder is finished: no Ray, one upload
-    assert f"published {URL}: uploaded 1 of {len(names)} files" in proc.stderr
-    assert remote(filesystem) == local_files(stage, names)
+    filesystem.delete_file(f"{url[len('s3://'):]}/{tar}")
+    proc = curate(*args, env={**os.environ, **env})
+    assert f"published {url}: uploaded 1 of {len(names)} files" in proc.stderr
+    assert remote(filesystem, url) == local_files(stage, names)
 
-    # an export to s3:// is written in its own stage folder and uploaded, records last
-    result = publish.export("sharegpt", stage, "s3://bkt/exports/wide", tier="wide", stage_dir=tmp_path / "exp")
+    tier = json.loads((stage / tar).with_name("manifest.json").read_text())["tier"]
+    result = publish.export("sharegpt", stage, "s3://bkt/exports/x", tier=tier, stage_dir=tmp_path / "exp")
     written = {p.relative_to(tmp_path / "exp").as_posix() for p in (tmp_path / "exp").rglob("*")
                if p.is_file() and not p.name.startswith(".")}
-    assert result["records"] == 3 and result["published"]["uploaded"] == len(written) > 3
-    assert remote(filesystem, "s3://bkt/exports/wide") == {
-        rel: data for rel, data in local_files(tmp_path / "exp", written).items()}
+    assert result["records"] > 0 and result["published"]["uploaded"] == len(written) > result["records"]
+    assert remote(filesystem, "s3://bkt/exports/x") == local_files(tmp_path / "exp", written)
