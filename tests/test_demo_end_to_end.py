@@ -186,7 +186,7 @@ def test_documents_and_videos_reach_their_tiers(run_root):
         for m in members:
             assert files[f"{row.key}.{m}"][:2] == b"\xff\xd8"
     videos = pq.read_table(run_root / "tiers" / "video" / "video-000000.parquet").to_pandas()
-    assert len(videos) >= 2 and (videos["duration"] > 1).all() and (videos["codec"] == "mpeg4").all()
+    assert len(videos) >= 2 and (videos["duration"] > 1).all() and (videos["codec"] == "h264").all()
     with tarfile.open(run_root / "tiers" / "video" / "video-000000.tar") as tar:
         clip = tar.extractfile(f"{videos['key'][0]}.mp4").read()
     import io

@@ -104,7 +104,7 @@ def test_probe_reads_real_numbers():
     import random
 
     probe = probe_video(_video_bytes(random_scene(random.Random(1)), "top to bottom", n_frames=24))
-    assert (probe["width"], probe["height"], probe["num_frames"], probe["codec"]) == (96, 96, 24, "mpeg4")
+    assert (probe["width"], probe["height"], probe["num_frames"], probe["codec"]) == (96, 96, 24, "h264")
     with pytest.raises(Exception):
         probe_video(io.BytesIO(b"not a video").getvalue())
 

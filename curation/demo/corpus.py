@@ -83,7 +83,11 @@ def _video_bytes(scene: scenes.Scene, direction: str, n_frames: int = 16) -> byt
     obj = scene.objects[0]
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=8)
+        # H.264: what browsers play (curate browse shows clips in a <video>); MPEG-4 Part 2
+        # plays nowhere on the web. One thread, no lookahead or B-frames, frames given as
+        # yuv420p: x264 then writes the same bytes every time (with them it does not).
+        stream = container.add_stream("libx264", rate=8, options={"threads": "1", "bframes": "0", "rc-lookahead": "0",
+                                                                    "sync-lookahead": "0"})
         stream.width, stream.height, stream.pix_fmt = 96, 96, "yuv420p"
         for t in range(n_frames):
             frac = t / (n_frames - 1)
@@ -95,7 +99,7 @@ def _video_bytes(scene: scenes.Scene, direction: str, n_frames: int = 16) -> byt
             c = int(14 + pos * 68)
             cx, cy = (c, 48) if "left" in direction else (48, c)
             d.ellipse((cx - 12, cy - 12, cx + 12, cy + 12), fill=scenes.COLOURS[obj.colour])
-            frame = av.VideoFrame.from_image(img)
+            frame = av.VideoFrame.from_image(img).reformat(format="yuv420p")
             frame.pts = t
             frame.time_base = Fraction(1, 8)
             for packet in stream.encode(frame):
