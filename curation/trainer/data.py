@@ -10,8 +10,11 @@ exactly those. Packing puts several samples in one row; each keeps its own posit
 mask, so packed samples never see each other.
 
 Data position (for resume): every batch holds exactly `batch_size` samples, and the
-DataLoader takes batches from its workers in turn, so "batches consumed" tells each
-worker how many raw samples to skip before decoding anything.
+DataLoader takes batches from its workers in turn (batch b from worker b % workers), so
+"batches consumed" tells each stream how many raw samples to skip before decoding
+anything. A restarted DataLoader begins its turns at worker 0 again, so after `done`
+batches worker w carries on the stream of worker (w + done) % workers: the resumed
+sequence of batches is the uninterrupted one whatever `done` and the worker count.
 """
 
 from __future__ import annotations
@@ -302,12 +305,24 @@ def to_device(batch: dict, device) -> dict:
 
 # ---------------------------------------------------------------- streaming
 
-def _stream_position() -> tuple[int, int, int]:
-    """(stream index over DDP ranks x DataLoader workers, this worker, workers per rank)."""
-    rank = int(os.environ.get("RANK", 0))
+def stream_role(skip_batches: int) -> tuple[int, int, int, int]:
+    """(stream, total streams, role, workers) of this DataLoader worker on this rank: its
+    role is the original worker whose stream it continues after `skip_batches` batches
+    (see the module docstring); stream = rank * workers + role identifies the stream's
+    seeds and, without resampling, its share of the shards."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    return rank * workers + worker, worker, workers
+    role = (worker + skip_batches) % workers
+    return rank * workers + role, world * workers, role, workers
+
+
+def _every_nth(stream: int, total: int):
+    """A pipeline stage keeping shard urls stream, stream + total, ... (by stream, not by the
+    worker's process id, so a resumed worker reads the shards of the stream it continues)."""
+    def stage(urls):
+        return itertools.islice(urls, stream, None, total)
+    return stage
 
 
 class TrainBatches(IterableDataset):
@@ -315,7 +330,8 @@ class TrainBatches(IterableDataset):
 
     resample=True (default): each stream draws shards with replacement from its own seed
     (webdataset's ResampledShards), so tiers with fewer shards than streams still feed
-    every stream. resample=False: shards are split by node and worker, epoch after epoch.
+    every stream. resample=False: shards are dealt out over the streams (ranks x workers),
+    epoch after epoch.
     """
 
     def __init__(self, sources: list[TierSource], cfg: ModelConfig, tok, mean, std, batch_size: int, seed: int = 0,
@@ -327,12 +343,12 @@ class TrainBatches(IterableDataset):
     def __iter__(self):
         if get_worker_info() is not None:
             torch.set_num_threads(1)  # workers decode; the main process computes
-        stream, worker, workers = _stream_position()
+        stream, total, role, workers = stream_role(self.skip_batches)
         rng = random.Random(f"{self.seed}/{stream}/mix")
-        tiers = [self._tier_samples(src, stream) for src in self.sources]
+        tiers = [self._tier_samples(src, stream, total) for src in self.sources]
         mixed = _weighted_mix(tiers, [s.weight for s in self.sources], rng)
-        # resume: skip what this worker already delivered, before any decoding
-        done = self.skip_batches // workers + (1 if worker < self.skip_batches % workers else 0)
+        # resume: skip what this stream already delivered, before any decoding
+        done = self.skip_batches // workers + (1 if role < self.skip_batches % workers else 0)
         raw = itertools.islice(mixed, done * self.batch_size, None)
         for position in itertools.count(done * self.batch_size, self.batch_size):
             examples = []
@@ -346,7 +362,7 @@ class TrainBatches(IterableDataset):
             if examples:
                 yield pack(examples, self.cfg.max_len, self.tok.pad_id)
 
-    def _tier_samples(self, src: TierSource, stream: int):
+    def _tier_samples(self, src: TierSource, stream: int, total: int):
         """Endless (tier, raw sample) pairs of one tier, plan keys only, held-out excluded."""
         def keep(raw):
             keys = src.keys.get(Path(raw["__url__"]).name)
@@ -359,8 +375,7 @@ class TrainBatches(IterableDataset):
                 shards = wds.ResampledShards(src.shards, seed=self.seed, worker_seed=lambda: stream, deterministic=True)
                 stages = [shards]
             else:
-                stages = [wds.SimpleShardList(src.shards, seed=self.seed + epoch), wds.split_by_node,
-                          wds.split_by_worker]
+                stages = [wds.SimpleShardList(src.shards, seed=self.seed + epoch), _every_nth(stream, total)]
             pipeline = wds.DataPipeline(*stages, wds.tarfile_to_samples(), wds.select(keep),
                                         wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2,
                                                     rng=random.Random(f"{self.seed}/{stream}/{src.tier}/{epoch}")))
