@@ -34,12 +34,20 @@ def sample_text_tokens(text: str | None, source_meta: str | None) -> int:
     return text_tokens(text) + sum(text_tokens(q) + text_tokens(a) for q, a in qa_pairs(source_meta))
 
 
+def strategy_count(rows: int, strategy: str) -> int:
+    """How many of a tier's `rows` samples `strategy` selects."""
+    if strategy == "all":
+        return rows
+    n = strategy.split(":")[1]
+    return round(rows * int(n[:-1]) / 100) if n.endswith("%") else min(int(n), rows)
+
+
 def select(frame: pd.DataFrame, strategy: str, seed_text: str) -> pd.DataFrame:
     """Rows of `frame` (in tier order) chosen by `strategy`."""
     if strategy == "all":
         return frame
-    how, n = strategy.split(":")
-    count = round(len(frame) * int(n[:-1]) / 100) if n.endswith("%") else min(int(n), len(frame))
+    how = strategy.split(":")[0]
+    count = strategy_count(len(frame), strategy)
     if how == "first":
         return frame.head(count)
     if how == "end":
