@@ -125,6 +125,12 @@ def test_binary_columns_named_by_options(tmp_path):
     assert [(r["text"], r["url"], sorted(f)) for r, f in rows] == [
         ("a cat on a mat", "http://a.invalid/1", ["jpg", "json", "txt"]), ("a dog", "http://a.invalid/2", ["jpg", "json", "txt"])]
     assert meta(rows[0][0]) == {"n": 1}  # the other binary column is not metadata
+    clip = video("mp4")
+    hf_parquet(tmp_path / "v" / "clips.parquet", {"video": [clip, None], "caption": ["a red flash", "nothing"]}, None)
+    rows = rows_of(resolve_input(tmp_path / "v").shards[0])  # found by its name; probed from the file later
+    assert [(r["kind"], as_list(r["media"]), r["text"]) for r, _ in rows] == [
+        ("video", ["mp4"], "a red flash"), ("image_text", [], "nothing")]
+    assert rows[0][1]["mp4"] == clip and rows[0][0]["sha256"]
     with pytest.raises(InputError, match="no column 'nope'"):
         resolve_input(tmp_path / "p", InputOptions(image_column="nope"))
     with pytest.raises(InputError, match="column 'n' is int64: the text column must hold strings"):
