@@ -498,7 +498,7 @@ def files_shards(entries: list[tuple[str, int]], make_ref) -> list[ShardRef]:
     keys = sorted(k for k, members in groups.items() if any(_split_file(r)[1] in MEDIA_EXTS for r, _ in members))
     shards = []
     for n, start in enumerate(range(0, len(keys), FILES_PER_SHARD)):
-        members = sorted(m for k in keys[start:start + FILES_PER_SHARD] for m in groups[k])
+        members = [m for k in keys[start:start + FILES_PER_SHARD] for m in sorted(groups[k])]
         shards.append(make_ref(f"part-{n:05d}", tuple(r for r, _ in members), sum(s for _, s in members)))
     return shards
 
