@@ -8,6 +8,7 @@ that names the file and the offending entry.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -173,6 +174,11 @@ def _parse_op(entry: Any, where: str) -> OpSpec:
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+# Set while a pipeline is read only for its stages and tiers (plan, export): an unset
+# ${VAR} then stays as written instead of failing, since no operator will run.
+_ENV_OPTIONAL: contextvars.ContextVar[bool] = contextvars.ContextVar("env_optional", default=False)
+
+
 def _expand_env(value: Any, where: str) -> Any:
     """`${NAME}` in a string option is the environment variable NAME (only that: no
     other substitution, nothing evaluated), so a recipe can point at models that live
@@ -182,6 +188,8 @@ def _expand_env(value: Any, where: str) -> Any:
 
     def sub(match: re.Match) -> str:
         name = match.group(1)
+        if name not in os.environ and _ENV_OPTIONAL.get():
+            return match.group(0)
         if name not in os.environ:
             raise ConfigError(f"{where} uses ${{{name}}}, but the environment variable {name} is not set")
         return os.environ[name]
@@ -484,7 +492,7 @@ def for_output(run_root: str | Path, pipeline: str | Path | None = None) -> Pipe
     from .errors import InputError
 
     if pipeline is not None:
-        return load(pipeline)
+        return _load_for_reading(pipeline)
     run_json = Path(run_root) / "_work" / "run.json"
     try:
         info = json.loads(run_json.read_text())
@@ -501,7 +509,17 @@ def for_output(run_root: str | Path, pipeline: str | Path | None = None) -> Pipe
     path = info.get("pipeline_path")
     if not isinstance(path, str) or not path or Path(path).name == PYTHON_PATH:
         raise InputError("name the pipeline with --pipeline (this output does not record the one that made it)")
-    return load(path)
+    return _load_for_reading(path)
+
+
+def _load_for_reading(path: str | Path) -> PipelineConfig:
+    """A recipe loaded to read an output with, not to run: its models' ${VAR}s need not be
+    set (counting tokens needs no model; the recipe's hash uses the options as written)."""
+    token = _ENV_OPTIONAL.set(True)
+    try:
+        return load(path)
+    finally:
+        _ENV_OPTIONAL.reset(token)
 
 
 def load(path: str | Path) -> PipelineConfig:

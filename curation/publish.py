@@ -58,6 +58,7 @@ RUN_INFO = "_work/run.json"
 SUCCESS = "_SUCCESS"
 RECORD_SECONDS = 30.0
 LOCAL_HASHES = "_work/publish_hashes.json"  # (size, mtime_ns, sha256) per file, in the stage folder
+EXPORT_HASHES = ".curation-hashes.json"        # the same beside an export
 MAX_SMALL_OBJECT = 64 << 20  # run.json or the record read back from the store
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -92,14 +93,15 @@ def normalize(url: str) -> str:
     return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
 
 
-def stage_folder(url: str, stage_dir: str | os.PathLike | None = None) -> Path:
-    """Where a run with --out `url` runs: `stage_dir`, or a folder under the user's cache
-    named by a hash of the url (the same url always gets the same folder)."""
+def stage_folder(url: str, stage_dir: str | os.PathLike | None = None, kind: str = "stage") -> Path:
+    """Where a run (kind "stage"; an export: "export") with --out `url` works: `stage_dir`,
+    or a folder under the user's cache named by a hash of the url (the same url always
+    gets the same folder)."""
     if stage_dir is not None:
         return Path(stage_dir).expanduser().absolute()
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     digest = hashlib.sha256(normalize(url).encode()).hexdigest()[:16]
-    return Path(cache) / "curation" / "stage" / digest
+    return Path(cache) / "curation" / kind / digest
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,7 @@ def _json_object(data: bytes | None) -> dict:
 
 
 def _identity(doc: dict) -> tuple:
-    return doc.get("config_hash"), doc.get("raw_shards")
+    return tuple(doc.get(k) for k in ("config_hash", "raw_shards", "input_options", "data_format"))
 
 
 def check_destination(url: str, run_info: Path) -> None:
@@ -307,14 +309,15 @@ def publish_run(local: Path, url: str, *, workers: int = WORKERS, log=None) -> d
     return _publish(local, url, steps, workers=workers, log=log)
 
 
-def _publish(local: Path, url: str, steps: list[list[str]], *, workers: int, log) -> dict:
+def _publish(local: Path, url: str, steps: list[list[str]], *, workers: int, log, record_name: str = RECORD) -> dict:
     store = _Store(url)
     listed = store.listing()
-    record_doc = _json_object(store.read(RECORD, listed[RECORD])) if RECORD in listed else {}
+    record_doc = _json_object(store.read(record_name, listed[record_name])) if record_name in listed else {}
     record = {k: v for k, v in (record_doc.get("files") or {}).items()
               if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str)}
     files = [rel for step in steps for rel in step]
-    hashes, sizes = _local_hashes(local, files, workers)
+    hashes, sizes = _local_hashes(local / (LOCAL_HASHES if record_name == RECORD else EXPORT_HASHES), local,
+                                  files, workers)
 
     def current(rel: str) -> bool:
         return listed.get(rel) == sizes[rel] and record.get(rel, {}).get("sha256") == hashes[rel]
@@ -324,7 +327,7 @@ def _publish(local: Path, url: str, steps: list[list[str]], *, workers: int, log
     stats = {"uploaded": 0, "uploaded_bytes": 0, "skipped": len(files) - len(todo), "deleted": 0}
     if not todo and not stale:
         if not record_doc:
-            _write_record(store, record)
+            _write_record(store, record, record_name)
         log(f"published {url}: all {len(files)} files already there")
         return stats
     # An object that is there is about to change, or one of another run to go: first take
@@ -366,24 +369,23 @@ def _publish(local: Path, url: str, steps: list[list[str]], *, workers: int, log
                         f.cancel()
                     wait(pending)
                     with lock:
-                        _write_record(store, dict(record))
+                        _write_record(store, dict(record), record_name)
                     raise failed[0].exception()
                 if time.monotonic() - flushed[0] >= RECORD_SECONDS:
                     with lock:
                         snapshot = dict(record)
-                    _write_record(store, snapshot)
+                    _write_record(store, snapshot, record_name)
                     flushed[0] = time.monotonic()
-        _write_record(store, record)  # each step ends recorded: the next one builds on it
+        _write_record(store, record, record_name)  # each step ends recorded: the next one builds on it
     log(f"published {url}: uploaded {stats['uploaded']} of {len(files)} files "
         f"({stats['uploaded_bytes'] / 1e6:.1f} MB), {stats['skipped']} already there"
         + (f", deleted {stats['deleted']} stale" if stats["deleted"] else ""))
     return stats
 
 
-def _local_hashes(local: Path, files: list[str], workers: int) -> tuple[dict[str, str], dict[str, int]]:
+def _local_hashes(cache_path: Path, local: Path, files: list[str], workers: int) -> tuple[dict[str, str], dict[str, int]]:
     """sha256 and size of each file, hashed again only when its size or mtime changed
-    (LOCAL_HASHES caches them, so a re-run does not read a whole output again)."""
-    cache_path = local / LOCAL_HASHES
+    (cached in `cache_path`, so a re-run does not read a whole output again)."""
     cache = _json_object(cache_path.read_bytes()) if cache_path.is_file() else {}
     stats = {rel: (local / rel).stat() for rel in files}
     keys = {rel: [st.st_size, st.st_mtime_ns] for rel, st in stats.items()}
@@ -397,7 +399,46 @@ def _local_hashes(local: Path, files: list[str], workers: int) -> tuple[dict[str
     return hashes, {rel: st.st_size for rel, st in stats.items()}
 
 
-def _write_record(store: _Store, record: dict) -> None:
+def _write_record(store: _Store, record: dict, name: str = RECORD) -> None:
     doc = {"about": "sha256 of each object curation uploaded here (curation/publish.py)",
            "files": dict(sorted(record.items()))}
-    store.write_bytes(RECORD, (json.dumps(doc, indent=0, sort_keys=True) + "\n").encode())
+    store.write_bytes(name, (json.dumps(doc, indent=0, sort_keys=True) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------- export
+EXPORT_RECORD = ".curation-published.json"  # hidden: dataset loaders skip it
+
+
+def export(fmt: str, root, out, *, stage_dir=None, log=None, **options) -> dict:
+    """`curate export` to a local folder, or to s3://: then the export is written into a
+    local stage folder (`stage_folder(url, stage_dir, "export")`) and uploaded, media
+    first and the records that name them after (exporting into the same url again
+    uploads only what changed). Returns tiers.export.export's result, with
+    `published` (the url, upload counts) for s3://."""
+    from .tiers.export import export as export_local
+
+    refuse_url(root)
+    scheme = url_scheme(out)
+    if scheme is None:
+        if stage_dir is not None:
+            raise ConfigError("--stage-dir is for --out s3://...; a local --out is itself the export folder")
+        return export_local(fmt, root, out, **options)
+    if scheme != "s3":
+        raise InputError(f"--out {out}: {scheme}:// is not supported (a local folder or s3://bucket/prefix)")
+    url = normalize(os.fspath(out))
+    local = stage_folder(url, stage_dir, "export")
+    result = export_local(fmt, root, local, **options)
+    files = []
+    for folder, dirs, names in os.walk(local):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_dir = Path(folder).relative_to(local).as_posix()
+        for name in sorted(names):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if not name.startswith(".") and not name.endswith(".tmp") and not (local / rel).is_symlink():
+                files.append(rel)
+    media = [r for r in files if (mimetypes.guess_type(r)[0] or "").startswith(("image/", "video/"))]
+    records = [r for r in files if r not in set(media)]
+    stats = _publish(local, url, [media, records], workers=WORKERS, record_name=EXPORT_RECORD,
+                     log=log or (lambda m: print(m, file=sys.stderr, flush=True)))
+    result["published"] = {"url": url, "stage": str(local), **stats}
+    return result

@@ -373,3 +373,26 @@ def test_resumed_stream_equals_the_uninterrupted_one(tmp_path, workers, resample
     assert len(set(straight)) > total // 2  # the streams differ: the test can see a reordering
     for skip in skips:
         assert order(skip, total - skip) == straight[skip:], f"resume after {skip} batches with {workers} workers"
+
+
+# ---------------------------------------------------------------- 9. curate plan needs no models
+
+
+def test_plan_reads_the_demo_recipe_without_its_model_variables(tmp_path, monkeypatch):
+    from curation import config
+    from curation.errors import ConfigError
+
+    monkeypatch.setenv("CURATION_MODELS", str(tmp_path / "models"))
+    with_env = config.load("demo")
+    monkeypatch.delenv("CURATION_MODELS")
+    with pytest.raises(ConfigError, match="CURATION_MODELS is not set"):
+        config.load("demo")  # running still needs the models
+    read = config.for_output(tmp_path, "demo")  # curate plan/export --pipeline demo
+    assert read.config_hash == with_env.config_hash and [s.name for s in read.stages] == [s.name for s in with_env.stages]
+    # without --pipeline: the recipe the run recorded, as the demo's curate run writes it
+    (tmp_path / "_work").mkdir()
+    (tmp_path / "_work" / "run.json").write_text(json.dumps({"recipe": with_env.describe(),
+                                                             "config_hash": with_env.config_hash}))
+    assert config.for_output(tmp_path).config_hash == with_env.config_hash
+    with pytest.raises(ConfigError, match="CURATION_MODELS is not set"):
+        config.load("demo")  # the leniency ended with the read
