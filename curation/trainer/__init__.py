@@ -4,7 +4,7 @@ stage from a `curate plan` over WebDataset tier shards.
 Read in this order:
   config.py      architecture and size presets (tiny/small from code; real ones by hub id or path)
   tokenizer.py   a word-level tokenizer for tiny configs, transformers tokenizers for real ones
-  vision.py      the image encoder (timm or open_clip ViT)
+  vision.py      the image encoder (timm, open_clip or transformers CLIP/SigLIP ViT; hidden state -2)
   views.py       how each arch cuts images into encoder views (AnyRes-Max: grid from curation.tokens)
   lm.py          the Qwen2-style LM (transformers) run layer by layer, with a packed-sequence mask
   connectors.py  llava, omnifusion, evlm and owl3 connectors (and the LM-side blocks of the last two)
