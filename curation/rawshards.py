@@ -144,6 +144,9 @@ class ReadCaps:
     max_members_per_sample: int = 256
     max_listing_rows: int = 10_000_000  # a longer `<stem>.parquet` listing is ignored
     max_rows_per_file: int = 10_000_000  # a parquet/arrow input file claiming more is unreadable_shard
+    # A parquet row group is decoded a column chunk at a time (pyarrow holds one whole):
+    # one larger than this, uncompressed, fails its rows `row_group_too_large` unread.
+    max_row_group_bytes: int = 1 << 30
     # A compressed shard (.tar.gz, .tgz, or any gzip/bz2/xz data) is read until it has
     # inflated to min_inflate_bytes + max_inflate_ratio x its compressed size; past that
     # it is a compression bomb and reading stops there (`decompressed_too_large`).

@@ -6,8 +6,10 @@ Each is read into the same samples as a tar (`rawshards._walk` dispatches here o
 (member_too_large, sample_too_large, text_too_large, ...), so `sample_row`, stage A,
 stage C and the exports see no difference. Nothing in the data is ever opened as a path.
 
-* "parquet": one shard per parquet file, read in record batches of BATCH_ROWS rows
-  (never a whole file). "arrow": one shard per Arrow IPC file of a `save_to_disk` folder
+* "parquet": one shard per parquet file, read in record batches of BATCH_ROWS rows, never
+  a whole file; pyarrow holds one column chunk of a row group at a time (HF writes image
+  datasets in row groups of 100 rows), so a row group over ReadCaps.max_row_group_bytes
+  fails its rows `row_group_too_large` unread. "arrow": one shard per Arrow IPC file of a `save_to_disk` folder
   (stream format, as `datasets` writes it; the file format too), read batch by batch as
   written. A row is a sample keyed by its index, zero padded ("000000042"):
   - the image column as HF's Image struct {bytes, path}, plain binary, or a list of them
@@ -330,6 +332,7 @@ def _walk_parquet(shard: ShardRef, caps: ReadCaps, want_data: bool, state: _Walk
         cols = plan_columns(pf.schema_arrow, shard)
         md = pf.metadata
         claims = [md.row_group(rg).num_rows for rg in range(md.num_row_groups)]
+        group_bytes = [md.row_group(rg).total_byte_size for rg in range(md.num_row_groups)]
         if any(n < 0 for n in claims):
             raise ValueError("a row group claims a negative row count")
         refused = _refused_rows(sum(claims), caps)
@@ -347,7 +350,11 @@ def _walk_parquet(shard: ShardRef, caps: ReadCaps, want_data: bool, state: _Walk
         start = 0
         for rg, claimed in enumerate(claims):
             done = 0
-            if want_data:  # counting needs only the footer: every claimed row is a row
+            if want_data and group_bytes[rg] > caps.max_row_group_bytes:
+                problem = (f"row group {rg} holds {group_bytes[rg]} bytes, over the {caps.max_row_group_bytes} cap "
+                           "(a column chunk is decoded whole)")
+                reason = "row_group_too_large"
+            elif want_data:  # counting needs only the footer: every claimed row is a row
                 try:
                     for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], use_threads=False):
                         for row in batch.to_pylist():
@@ -360,10 +367,11 @@ def _walk_parquet(shard: ShardRef, caps: ReadCaps, want_data: bool, state: _Walk
                     raise
                 except Exception as exc:
                     problem = f"row group {rg} cannot be read: {_describe(exc, shard)}"
+                reason = "unreadable_rows"
             for i in range(done, claimed):
                 s = _Sample(_key(start + i), 0)
                 if want_data:
-                    s.fail("unreadable_rows", problem)
+                    s.fail(reason, problem)
                 yield s
             start += claimed
     finally:

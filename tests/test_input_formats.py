@@ -183,6 +183,8 @@ def test_corrupt_parquet_files(tmp_path):
         (f"{i:09d}", "kept", None) for i in range(3)] + [(f"{i:09d}", "failed", "unreadable_rows") for i in range(3, 6)]
     assert "row group 1" in rows[3][0]["error"] and str(tmp_path) not in rows[3][0]["error"]
     assert rows_of(raw.shards[0], ReadCaps(max_rows_per_file=5))[0][0]["reason"] == "unreadable_shard"
+    big_groups = rows_of(raw.shards[0], ReadCaps(max_row_group_bytes=100))
+    assert [r["reason"] for r, _ in big_groups] == ["row_group_too_large"] * 6  # told by the footer, unread
 
 
 # ------------------------------------------------------------------------- save_to_disk
