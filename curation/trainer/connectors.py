@@ -52,8 +52,13 @@ class Connector(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        # encoder blocks read (their outputs, not normalised): LLaVA's vision_feature_layer
-        self.feature_blocks = [feature_block(cfg.vision_feature_layer, cfg.vision_depth)]
+        self.feature_blocks = self.blocks_read(cfg)
+
+    @staticmethod
+    def blocks_read(cfg: ModelConfig) -> list[int]:
+        """Encoder blocks whose outputs (not normalised) the connector reads: LLaVA's
+        vision_feature_layer."""
+        return [feature_block(cfg.vision_feature_layer, cfg.vision_depth)]
 
     def run_layer(self, index: int, layer: nn.Module, hidden: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
         return layer(hidden, attention_mask=inp.mask, position_ids=inp.position_ids, position_embeddings=inp.rope)
@@ -174,9 +179,12 @@ class EvlmConnector(Connector):
 
     inserts_tokens = False
 
+    @staticmethod
+    def blocks_read(cfg: ModelConfig) -> list[int]:
+        return list(cfg.evlm_feature_layers)  # hierarchical: resolved from the encoder's depth (config.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.feature_blocks = list(cfg.evlm_feature_layers)  # resolved from the encoder's depth (config.py)
         d = cfg.lm_hidden
         self.merge = nn.Linear(cfg.vision_dim * len(self.feature_blocks), d)  # hierarchical features, concatenated
         self.queries = nn.Parameter(torch.randn(cfg.evlm_queries, d) * d ** -0.5)
