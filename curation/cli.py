@@ -248,7 +248,7 @@ def cmd_train_captioner(args) -> None:
 def cmd_report(args) -> None:
     from .report import write_report
 
-    print(write_report(args.root))
+    print(write_report(args.root, out=args.out, train_runs=args.train))
 
 
 def cmd_browse(args) -> None:
@@ -416,8 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_eval_parser(sub)
 
-    rp = sub.add_parser("report", help="write report.html (plots of outcomes, tiers, distributions) for a run")
+    rp = sub.add_parser("report", help="write report.html (one self-contained page: funnel, tiers, token bill, "
+                        "distributions, thumbnails, throughput, training loss) for a run")
     rp.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")
+    rp.add_argument("--out", help="HTML file to write (default: ROOT/report.html)")
+    rp.add_argument("--train", action="append", default=[], metavar="DIR",
+                    help="a `curate train --out` folder whose loss.jsonl to plot (repeatable; folders within two "
+                         "levels of ROOT's parent that trained on ROOT/plan.json are found without it)")
     rp.set_defaults(func=cmd_report)
 
     br = sub.add_parser("browse", help="serve a local web app to filter and look at samples, ledger rows and media")

@@ -114,7 +114,7 @@ def test_sidecar_has_the_tar_samples_in_tar_order(run_root):
         side = pq.read_table(tar_path.with_suffix(".parquet")).to_pandas()
         assert keys == side["key"].tolist()
         for key, media in zip(side["key"], side["media"]):
-            assert {n.split(".", 1)[1] for n in names if n.startswith(key + ".")} == {*json.loads(media), "txt", "json"}
+            assert {n.split(".", 1)[1] for n in names if n.startswith(key + ".")} == {*media, "txt", "json"}
         assert (side["shard"] == tar_path.name).all() and (side["tier"] == tar_path.parent.name).all()
 
 
@@ -180,7 +180,7 @@ def test_documents_and_videos_reach_their_tiers(run_root):
     with tarfile.open(run_root / "tiers" / "documents" / "documents-000000.tar") as tar:
         files = {m.name: tar.extractfile(m).read() for m in tar}
     for row in docs.itertuples():
-        doc = json.loads(row.doc)
+        doc = row.doc
         members = [it["member"] for it in doc["items"] if it["type"] == "image"]
         assert members == [f"{i}.jpg" for i in range(row.num_images)]  # ordered, one per image
         for m in members:
@@ -214,9 +214,10 @@ def test_verify_passes_then_names_a_flipped_byte(run_root, tmp_path):
 
 
 def test_demo_writes_a_report_with_plots(run_root):
-    page = (run_root / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6  # outcomes, tiers, sizes, CLIP, OCR/language, near-dups
-    assert "Text in images and languages" in page and "CLIP scores" in page
+    page = (run_root / "report.html").read_text()  # opened in Chromium by tests/test_report.py
+    for section in ("funnel", "tiers", "token_bill", "distributions", "kept_samples", "dropped_samples", "throughput"):
+        assert f"id='{section}'" in page, section
+    assert "data-plot='clip_score'" in page and "data-plot='language'" in page and "data-plot='ocr_length'" in page
     total = len(pd.read_parquet(run_root / "ledger.parquet"))
     assert f"{total} inputs" in page
 

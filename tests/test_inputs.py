@@ -523,4 +523,4 @@ def test_curate_run_over_a_mixed_s3_prefix(tmp_path, s3):
 
     from .test_publish import check_published_run  # --out s3://: the objects, a resume, an export
 
-    check_published_run(filesystem, env, proc, args, out, "s3://bkt/curated", tmp_path)
+    check_published_run(filesystem, proc, args, out, "s3://bkt/curated", tmp_path)

@@ -1,13 +1,13 @@
 """`curate run --out s3://...`: the run works in a local stage folder and publishes what a
 user reads (curation/publish.py), against a moto S3 server on 127.0.0.1 (conftest's s3):
 order (data, small files, manifests, _SUCCESS), resume after a lost object or an upload
-cut short, stale objects, refusals, and one `curate run` end to end."""
+cut short, stale objects, refusals; check_published_run checks the end of the one Ray
+run, tests/test_inputs.py's s3 run."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -18,8 +18,6 @@ import pytest
 
 from curation import publish
 from curation.errors import ConfigError, CurationError, InputError
-
-from .conftest import curate
 
 URL = "s3://bkt/runs/one"
 
@@ -247,7 +245,7 @@ def test_readers_point_at_the_stage_folder(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------- end to end
-def check_published_run(filesystem, env: dict, proc, args: tuple, stage: Path, url: str, tmp_path: Path) -> None:
+def check_published_run(filesystem, proc, args: tuple, stage: Path, url: str, tmp_path: Path) -> None:
     """After `curate run ... --out URL --stage-dir STAGE` (args; proc its result; the one
     Ray run of these tests is tests/test_inputs.py's s3 run): the objects are the stage
     folder's user files byte for byte; a lost object comes back alone on a re-run (the
@@ -260,8 +258,14 @@ def check_published_run(filesystem, env: dict, proc, args: tuple, stage: Path, u
 
     tar = sorted(n for n in names if n.endswith(".tar"))[0]
     filesystem.delete_file(f"{url[len('s3://'):]}/{tar}")
-    proc = curate(*args, env={**os.environ, **env})
-    assert f"published {url}: uploaded 1 of {len(names)} files" in proc.stderr
+    import contextlib
+
+    from curation.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(a) for a in args]) == 0  # in this process (its env is `env`): the stage is finished, no Ray
+    assert f"published {url}: uploaded 1 of {len(names)} files" in err.getvalue()
     assert remote(filesystem, url) == local_files(stage, names)
 
     tier = json.loads((stage / tar).with_name("manifest.json").read_text())["tier"]

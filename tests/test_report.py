@@ -1,0 +1,224 @@
+"""curate report: the page of the session's demo run opened in headless Chromium (every
+section and plot present, every image decoded, thumbnails per tier and per reason, no
+console error), its funnel and token bill checked against the ledger and `curate plan`,
+and the SQL helpers on tiny tables."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import math
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from curation.report import html as report
+from curation.report import sql, thumbs
+from tests.chromium import chromium_page
+
+# ------------------------------------------------------------------ SQL helpers
+
+
+@pytest.fixture()
+def con():
+    c = duckdb.connect()
+    c.execute("CREATE TABLE t (x DOUBLE, g VARCHAR)")
+    c.execute("INSERT INTO t VALUES (0, 'a'), (1, 'a'), (2, 'b'), (3, 'b'), (4, 'a'), (4, 'b'), (10, 'a'), "
+              "(NULL, 'a'), ('nan', 'b'), ('inf', 'a'), (-1e9, NULL)")
+    return c
+
+
+def test_histogram_bins_in_sql(con):
+    h = sql.histogram(con, "t", "x", bins=5, lo=0, hi=10, where="x >= 0")
+    assert h.edges.tolist() == [0, 2, 4, 6, 8, 10]
+    assert h.counts[""].tolist() == [2, 2, 2, 0, 1]  # 10 is the last edge: the last bin holds it
+    assert h.total == 7  # null, NaN and inf are no values
+
+    grouped = sql.histogram(con, "t", "x", bins=5, lo=0, hi=10, by="g")
+    assert grouped.counts["a"].tolist() == [2, 0, 1, 0, 1] and grouped.counts["b"].tolist() == [0, 2, 1, 0, 0]
+    assert grouped.counts["null"].tolist() == [1, 0, 0, 0, 0]  # below lo: clipped into the first bin
+
+    ranged = sql.histogram(con, "t", "x", bins=4, where="x >= 0")  # the data's own range, 0..10
+    assert ranged.edges[0] == 0 and ranged.edges[-1] == 10 and ranged.counts[""].tolist() == [3, 3, 0, 1]
+
+    logged = sql.histogram(con, "(SELECT unnest([1, 10, 100, 1000, 0, -5]) AS v)", "v", bins=3, log=True)
+    assert np.allclose(logged.edges, [1, 10, 100, 1000]) and logged.counts[""].tolist() == [1, 1, 2]
+
+    one = sql.histogram(con, "t", "x", bins=10, where="x = 4")
+    assert one.counts[""].tolist() == [2] and one.edges[0] < 4 < one.edges[1]
+    assert sql.histogram(con, "t", "x", where="x > 100") is None
+
+
+def test_2d_histogram_top_values_and_columns(con):
+    ex, ey, counts = sql.histogram_2d(con, "t", "x + 1", "x + 1", bins=2, log=False, where="x BETWEEN 0 AND 4")
+    assert counts.sum() == 6 and counts[0, 0] == 2 and counts[1, 1] == 4 and counts[0, 1] == counts[1, 0] == 0
+    assert ex.tolist() == ey.tolist() == [1, 3, 5]
+    assert sql.top_values(con, "t", "g", limit=1) == [("a", 6), ("other", 5)]
+    assert sql.top_values(con, "t", "g") == [("a", 6), ("b", 4), ("unknown", 1)]
+    assert sql.with_values(con, "t", ["x", "g", "missing"]) == {"x", "g"}
+
+
+def test_json_text_reads_either_encoding():
+    c = duckdb.connect()
+    c.execute("""CREATE TABLE j AS SELECT '{"qa": [{"q": "x", "a": "y"}]}' AS text_col,
+                 {'qa': [{'q': 'x', 'a': 'y'}]} AS struct_col, '{"qa": 1}'::JSON AS json_col""")
+    kinds = sql.columns(c, "j")
+    got = [json.loads(c.sql(f"SELECT {sql.json_text(col, kinds[col])} FROM j").fetchall()[0][0])
+           for col in ("text_col", "struct_col", "json_col")]
+    assert got == [{"qa": [{"q": "x", "a": "y"}]}] * 2 + [{"qa": 1}]
+
+
+# ------------------------------------------------------------------ operators, raw shards, training runs
+
+
+def _literal_reasons(module) -> set[str]:
+    """Reason strings an operator module passes to drop/fail (and dedup's helper)."""
+    found = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+            for arg in node.args:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and not arg.value.startswith("_"):
+                    if name in ("drop", "fail") or arg.value.startswith("duplicate_"):
+                        found.add(arg.value)
+    return found
+
+
+def test_every_reason_an_operator_gives_is_declared():
+    """The funnel places a reason at the operator that declares it: a new drop reason
+    must be declared, or it would be counted under 'read and media checks'."""
+    from curation.ops.base import registry
+
+    ops = registry()
+    for module in {inspect.getmodule(cls) for cls in ops.values()}:
+        declared = {r for cls in ops.values() if inspect.getmodule(cls) is module for r in cls.reasons}
+        names = {cls.name for cls in ops.values() if inspect.getmodule(cls) is module}
+        undeclared = {r for r in _literal_reasons(module) - declared if r not in {f"{n}_error" for n in names}}
+        assert not undeclared, f"{module.__name__}: reasons not in any operator's `reasons`: {undeclared}"
+
+
+def test_raw_shards_at_hand_only_when_they_are_the_recorded_ones(tmp_path):
+    run = tmp_path / "run"
+    (run / "_work").mkdir(parents=True)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.tar").write_bytes(b"\0" * 1024)
+    (raw / "b.tar").write_bytes(b"\0" * 2048)
+    (run / "_work" / "run.json").write_text(json.dumps({"input": str(raw), "raw_shards": {"a.tar": 1024, "b.tar": 99}}))
+    refs, source = thumbs.raw_shards_at_hand(run)
+    assert set(refs) == {"a.tar"} and source == "raw"  # b.tar changed size: another shard now
+    (run / "_work" / "run.json").write_text(json.dumps({"input": str(tmp_path / "gone"), "raw_shards": {"a.tar": 1024}}))
+    assert thumbs.raw_shards_at_hand(run) == ({}, "")
+    (run / "_work" / "run.json").write_text(json.dumps({"input": "s3://bucket/raw/", "raw_shards": {}}))
+    assert thumbs.raw_shards_at_hand(run) == ({}, "")  # never the network from a report
+
+
+def test_training_runs_are_found_by_their_plan(tmp_path):
+    run = tmp_path / "out" / "curated"
+    run.mkdir(parents=True)
+    for name, plan in (("mine", run / "plan.json"), ("other", tmp_path / "elsewhere" / "plan.json")):
+        folder = tmp_path / "out" / "train" / name
+        (folder / "checkpoint").mkdir(parents=True)
+        (folder / "loss.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+        (folder / "checkpoint" / "state.json").write_text(json.dumps({"plan": str(plan)}))
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "loss.jsonl").write_text("not json\n" + "".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 5001)))
+    found = report.training_runs(run, [given, tmp_path / "no-such-run"])
+    assert found == [given, tmp_path / "out" / "train" / "mine"]
+    steps, losses = report._loss_points(given / "loss.jsonl")
+    assert len(steps) <= report.MAX_LOSS_POINTS and steps[0] == 2 and losses[0] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+
+
+# ------------------------------------------------------------------ the demo run's report
+
+PLOTS = {"funnel", "tiers", "token_bill", "clip_score", "resolution", "aspect_ratio", "caption_words", "ocr_length",
+         "language", "nsfw", "video_duration", "near_duplicates", "throughput", "training_loss"}
+SECTIONS = ["funnel", "tiers", "token_bill", "distributions", "kept_samples", "dropped_samples", "throughput", "training"]
+
+
+@pytest.fixture(scope="module")
+def demo_report(demo_out, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report")
+    train = folder / "train"
+    (train / "checkpoint").mkdir(parents=True)
+    (train / "loss.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3 * math.exp(-s / 40) + 0.4}) + "\n"
+                                              for s in range(1, 201)))
+    (train / "checkpoint" / "state.json").write_text(json.dumps({"arch": "llava", "size": "tiny", "stage": "stage1"}))
+    return report.write_report(demo_out, out=folder / "report.html", train_runs=[train])
+
+
+def test_the_report_opens_in_chromium_with_every_plot_and_thumbnail(demo_out, demo_report):
+    run_root = demo_out / "curated"
+    ledger = pd.read_parquet(run_root / "ledger.parquet", columns=["status", "reason", "raw_shard"])
+    tiers = {m.parent.name for m in (run_root / "tiers").glob("*/manifest.json")
+             if json.loads(m.read_text())["num_samples"]}
+    with chromium_page() as page:
+        page.goto(demo_report.as_uri())
+        page.wait_for_load_state("load")
+        assert page.eval_on_selector_all("section", "els => els.map(e => e.id)") == SECTIONS
+        plots = page.eval_on_selector_all("img.plot", "els => els.map(e => e.dataset.plot)")
+        assert sorted(plots) == sorted(PLOTS)
+        undecoded = page.evaluate("[...document.images].filter(i => !(i.complete && i.naturalWidth > 0))"
+                                  ".map(i => i.dataset.plot || i.alt)")
+        assert undecoded == [] and page.evaluate("document.images.length") > len(PLOTS) + len(tiers)
+        for tier in tiers:  # kept thumbnails out of each tier's tars
+            assert page.locator(f".thumbs[data-tier='{tier}'] img.thumb").count() >= 1, tier
+        groups = page.eval_on_selector_all(".thumbs[data-reason]", "els => els.map(e => [e.dataset.status, e.dataset.reason, "
+                                           "e.querySelectorAll('img.thumb').length, e.querySelectorAll('.tile').length])")
+        shown = {(s, r): (imgs, tiles) for s, r, imgs, tiles in groups}
+        dropped = ledger[ledger.status != "kept"]
+        expected = set(zip(dropped.status, dropped.reason.fillna("")))
+        assert set(shown) == expected  # every reason has its tiles
+        assert all(0 < tiles <= thumbs.PER_GROUP for _, tiles in shown.values())
+        # Dropped by a filter (not broken): their raw media decode and are shown.
+        for reason in ("too_small", "duplicate_exact", "duplicate_near", "clip_score_low", "caption_too_short"):
+            if ("dropped", reason) in shown:
+                assert shown[("dropped", reason)][0] >= 1, reason
+        assert page.console_errors == []
+    assert demo_report.stat().st_size < 3_000_000
+
+
+def test_the_funnel_follows_the_pipeline_and_adds_up(demo_out):
+    from curation.catalog import connect
+
+    run_root = demo_out / "curated"
+    recipe = report.Recipe(json.loads((run_root / "_work" / "run.json").read_text())["recipe"])
+    rows = report.funnel(connect(run_root), recipe)
+    ledger = pd.read_parquet(run_root / "ledger.parquet", columns=["status", "reason", "stage"])
+    assert rows[0]["samples"] == len(ledger) and rows[-1]["samples"] == (ledger.status == "kept").sum()
+    assert sum(r["samples"] for r in rows[1:-1]) == (ledger.status != "kept").sum()
+    remaining = [r["remaining"] for r in rows]
+    assert remaining == sorted(remaining, reverse=True)
+    step = {r["reason"]: r["step"] for r in rows[1:-1]}
+    assert step["clip_score_low"] == "clip_score" and step["duplicate_near"] == "near_dedup"
+    assert all(step[r] == "crawl" for r in ledger[ledger.stage == "crawl"].reason.dropna())
+    order = [r["step"] for r in rows]
+    ops = [o["op"] for o in recipe.ops]
+    assert [s for s in dict.fromkeys(order) if s in ops] == [o for o in ops if o in order]  # pipeline order
+
+
+def test_the_bill_is_curate_plans_and_the_clip_line_is_the_threshold(demo_out):
+    from curation import config
+    from curation.catalog import connect
+    from curation.tiers.plan import make_plan
+
+    run_root = demo_out / "curated"
+    con = connect(run_root)
+    recipe = report.Recipe(json.loads((run_root / "_work" / "run.json").read_text())["recipe"])
+    computed = report.token_bill(con, run_root, recipe, config_hash=None)  # None: never plan.json, always computed
+    assert computed["source"] == "computed"
+    exact = make_plan(config.for_output(run_root, None), run_root)
+    keys = ("samples", "images", "frames", "visual_tokens", "text_tokens")
+    for got, want in zip(computed["stages"], exact["stages"], strict=True):
+        for g, w in zip(got["mix"], want["mix"], strict=True):
+            assert g["samples"] == w["samples"]
+            if w["strategy"] == "all":
+                assert {k: g[k] for k in keys} == {k: w[k] for k in keys}, (got["name"], g["tier"])
+    (line, label), *_ = report._clip_thresholds(recipe, con)
+    low, kept = con.sql("SELECT max(clip_score) FILTER (reason = 'clip_score_low'), "
+                        "min(clip_score) FILTER (status = 'kept') FROM ledger").fetchall()[0]
+    assert "calibrated" in label and low < line <= kept
