@@ -544,6 +544,12 @@ def _section(sid: str, title: str, body: str) -> str:
 
 def write_report(root: str | Path, out: str | Path | None = None, train_runs: list[str | Path] = ()) -> Path:
     """Write the report (default: report.html in the run folder) and return its path."""
+    # Labels come from data (tiers, reasons, languages): never read as mathtext.
+    with plt.rc_context({"text.parse_math": False}):
+        return _write_report(root, out, train_runs)
+
+
+def _write_report(root, out, train_runs) -> Path:
     run_root = find_run_root(root)
     con = connect(run_root)
     annotated = run_root / "_work" / "annotated"
@@ -586,7 +592,9 @@ def write_report(root: str | Path, out: str | Path | None = None, train_runs: li
     head = (f"<h1>Curation report: {html.escape(str(summary.get('pipeline') or recipe.record.get('name') or run_root.name))}</h1>"
             f"<p>config {html.escape(str(summary.get('config_hash', '?')))} &middot; {ledger_rows} inputs = "
             + " + ".join(f"{totals[s]} {s}" for s in ("kept", "dropped", "failed") if s in totals)
-            + (f" &middot; {summary['seconds']} s" if _number(summary.get("seconds")) is not None else "") + "</p>"
+            + (f" &middot; {summary['seconds']} s" if _number(summary.get("seconds")) is not None else "")
+            + "".join(f" &middot; {k.replace('_at', '')} {html.escape(summary[k])}" for k in ("started_at", "finished_at")
+                      if isinstance(summary.get(k), str)) + "</p>"
             + "<nav>" + "".join(f"<a href='#{sid}'>{html.escape(title.split(':')[0])}</a>" for sid, title, _ in sections)
             + "</nav>")
     body = "".join(_section(sid, title, content) for sid, title, content in sections)
