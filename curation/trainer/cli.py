@@ -32,7 +32,7 @@ def add_train_parser(subparsers) -> None:
     t.add_argument("--max-len", type=int, help="tokens per packed row (default from --size)")
     t.add_argument("--vision-feature-layer", type=int,
                    help="encoder hidden state the llava/omnifusion/owl3 connectors read, counted as LLaVA does "
-                   "(-1 the last block, 0 the embeddings); never the final norm (default -2)")
+                   "(1 the first block, -1 the last); never the final norm (default -2)")
     t.add_argument("--cross-layers", help="evlm/owl3: 0-based LM layers with cross-/hyper-attention, e.g. 2,5,8 "
                    "(default derived from the LM's depth: owl3 every depth//4+1 from 1, evlm every other, max 8)")
     t.add_argument("--encoder-layers", help="evlm: 0-based encoder blocks whose features are merged, e.g. 5,12,19,26 "

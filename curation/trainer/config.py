@@ -29,8 +29,8 @@ class ModelConfig:
     vision_dim: int = 64
     vision_depth: int = 4
     vision_heads: int = 4
-    # encoder features for llava/omnifusion/owl3, as LLaVA counts hidden states (0 = embeddings,
-    # -1 = last block): -2 is "vision_feature_layer -2", the block before the last, never the final norm
+    # encoder features for llava/omnifusion/owl3, as LLaVA counts hidden states (1 = first block,
+    # -1 = last): -2 is "vision_feature_layer -2", the block before the last, never the final norm
     vision_feature_layer: int = -2
     # language model: a Qwen2 config built from code unless lm_id (hub id or path) is set
     lm_id: str | None = None
