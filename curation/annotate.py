@@ -106,6 +106,7 @@ class StageActor:
         self.declared = declared  # the run's own columns (any stage's): typed as declared
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        schemas.plain_columns(batch, "sidecar", self.declared)  # lists and dicts, not numpy arrays, for the operators
         for op in self.ops:
             batch = op(batch)
         batch = batch.drop(columns=[c for c in batch.columns if c.startswith("_")])
@@ -131,12 +132,13 @@ def write_parts(batch: pa.Table, parts_root: str, tiers, seed: int, declared: sc
     """Last task of stage A: route the batch's kept rows to tiers, give every row its
     seeded tier-order rank, and write one part per raw shard in the batch. Returns
     only (raw_shard, part, rows) for the driver."""
-    frame = batch.drop_columns([c for c in ("image_bytes",) if c in batch.column_names]).to_pandas()
+    frame = schemas.plain_columns(batch.drop_columns([c for c in ("image_bytes",) if c in batch.column_names]).to_pandas(),
+                                  "sidecar", declared)
     frame["tier_rank"] = [seeded_rank(seed, u) for u in frame["uid"]]
     live = frame["status"] == "kept"
     frame["tier"] = None
     if live.any():
-        tiers_of, errors = routing.route_rows(frame[live], tiers)
+        tiers_of, errors = routing.route_rows(frame[live], tiers, declared)
         frame.loc[live, "tier"] = tiers_of
         bad = errors.notna()
         if bad.any():

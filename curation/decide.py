@@ -316,8 +316,19 @@ def route_unrouted(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("UPDATE samples SET tier = NULL WHERE status <> 'kept'")
 
 
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.float64(): "DOUBLE",
+                 pa.bool_(): "BOOLEAN", pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ"}
+
+
+def ledger_null(col: str) -> str:
+    """A null of the ledger column's type: ledgers without the column (a crawl by an
+    older version, the curate rows' fetch columns) union with those that have it."""
+    return f"CAST(NULL AS {_DUCKDB_TYPES[schemas.arrow_schema('ledger').field(col).type]})"
+
+
 def export(con: duckdb.DuckDBPyConnection, folder: Path, raw_names: list[str], lineage: dict[str, str],
            sidecar_columns: list[str], present: set[str]) -> Decision:
+    """`lineage`: SQL expressions of the columns that are the same on every row."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -331,7 +342,7 @@ def export(con: duckdb.DuckDBPyConnection, folder: Path, raw_names: list[str], l
     exprs = []
     for col in sidecar_columns:
         if col in lineage:
-            exprs.append(f'{sql_str(lineage[col])} AS "{col}"')
+            exprs.append(f'{lineage[col]} AS "{col}"')
         elif col in present:
             exprs.append(f'"{col}"')
         else:
@@ -347,7 +358,7 @@ def export(con: duckdb.DuckDBPyConnection, folder: Path, raw_names: list[str], l
         elif col in present:
             ledger_exprs.append(f'"{col}"')
         else:
-            ledger_exprs.append(f'NULL AS "{col}"')
+            ledger_exprs.append(f'{ledger_null(col)} AS "{col}"')
     con.execute(f"""COPY (SELECT {', '.join(ledger_exprs)} FROM samples ORDER BY uid)
                     TO {sql_str(str(folder / 'ledger.parquet'))} (FORMAT parquet)""")
     shards = [dict(zip(("shard_id", "tier", "name", "samples", "bytes"), r))
@@ -394,8 +405,8 @@ def decide(cfg, annotated: list[Path], raw_names: list[str], work: Path, *, bina
         with _step("shard cuts"):
             route_unrouted(con)
             assign_shards(con, [r.name for r in cfg.tiers], cfg.shard.max_samples, cfg.shard.max_bytes)
-        lineage = {"pipeline": cfg.name, "config_hash": cfg.config_hash,
-                   "op_versions": json.dumps(cfg.op_versions, sort_keys=True)}
+        lineage = {"pipeline": sql_str(cfg.name), "config_hash": sql_str(cfg.config_hash),
+                   "op_versions": f"CAST(json({sql_str(json.dumps(cfg.op_versions, sort_keys=True))}) AS MAP(VARCHAR, VARCHAR))"}
         with _step("export"):
             decision = export(con, folder, raw_names, lineage, schemas.columns("sidecar", cfg.declared_columns),
                               present | {"shard_id", "pos"})
@@ -465,7 +476,8 @@ def finalize_ledger(curate_ledger: Path, crawl_ledgers: list[Path], out: Path, b
         if unknown or missing:
             raise AccountingError(f"raw shards and the crawl ledger disagree: {unknown} curated samples the crawl did not keep, "
                                   f"{missing} kept by the crawl but missing from the raw shards")
-        cols = ", ".join(f'"{c}"' if c in parquet_columns(crawl_ledgers) else f'NULL AS "{c}"' for c in schemas.columns("ledger"))
+        cols = ", ".join(f'"{c}"' if c in parquet_columns(crawl_ledgers) else f'{ledger_null(c)} AS "{c}"'
+                         for c in schemas.columns("ledger"))
         parts.insert(0, f"SELECT {cols} FROM {crawl} WHERE status <> 'kept'")
     schema = schemas.arrow_schema("ledger")
     reader = con.sql(f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY uid, stage").to_arrow_reader(batch_rows)
@@ -474,7 +486,7 @@ def finalize_ledger(curate_ledger: Path, crawl_ledgers: list[Path], out: Path, b
     with pq.ParquetWriter(tmp, schema) as writer:
         for batch in reader:
             table = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
-            schemas.validate_rows("ledger", table.to_pylist())
+            schemas.validate_rows("ledger", schemas.plain_rows("ledger", table.to_pylist()))
             writer.write_table(table)
             n += len(table)
     tmp.replace(out)

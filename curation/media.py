@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 import struct
 import warnings
@@ -347,12 +346,10 @@ def _member(files: dict, name) -> bytes:
 
 
 def _names(row: dict) -> list:
-    try:
-        names = json.loads(row.get("media") or "[]")
-    except (TypeError, ValueError):
-        names = None
+    names = row.get("media")
+    names = [] if names is None else names
     if not isinstance(names, list):
-        raise MediaError("bad_metadata", "media is not a JSON list of member names")
+        raise MediaError("bad_metadata", "media is not a list of member names")
     return names
 
 
@@ -372,7 +369,7 @@ def tier_members(row: dict, files: dict[str, bytes], max_pixels: int = DEFAULT_M
         data = _member(files, names[0])
         probe = probe_video(data, max_pixels)
         ext = probe.pop("ext")
-        updates = {"media": json.dumps([ext]), "num_bytes": len(data), **probe}
+        updates = {"media": [ext], "num_bytes": len(data), **probe}
         if not row.get("sha256"):
             updates["sha256"] = hashlib.sha256(data).hexdigest()
         return [(ext, bytes(data))], updates
@@ -390,28 +387,24 @@ def tier_members(row: dict, files: dict[str, bytes], max_pixels: int = DEFAULT_M
             if facts["conversion"]:
                 conversions.append(facts["conversion"])
         renamed = {old: new for old, (new, _) in zip(names, members)}
-        updates = {**_image_updates(first), "media": json.dumps([m for m, _ in members]),
+        updates = {**_image_updates(first), "media": [m for m, _ in members],
                    "num_bytes": sum(len(b) for _, b in members), "num_images": len(members),
                    "conversion": ",".join(conversions) if conversions else None,
                    "doc": _rewrite_doc(row.get("doc"), renamed)}
         return members, updates
     ext, out, facts = _tier_image(_member(files, names[0]), max_pixels, validate=False)
-    return [(ext, out)], {**_image_updates(facts), "media": json.dumps([ext]), "num_bytes": len(out)}
+    return [(ext, out)], {**_image_updates(facts), "media": [ext], "num_bytes": len(out)}
 
 
-def _rewrite_doc(doc_json, renamed: dict) -> str:
-    try:
-        doc = json.loads(doc_json) if isinstance(doc_json, str) else doc_json
-    except ValueError as exc:
-        raise MediaError("bad_document", f"doc is not JSON: {exc}") from None
+def _rewrite_doc(doc, renamed: dict) -> dict:
+    """The document (the sidecar's doc struct) with its image items naming the tier's members."""
     if not isinstance(doc, dict):
-        raise MediaError("bad_document", "doc is not a JSON object")
+        raise MediaError("bad_document", "doc is not an object")
     items = doc.get("items")
-    for item in items if isinstance(items, list) else []:
-        if isinstance(item, dict) and item.get("member") is not None:
-            member = item["member"]
-            item["member"] = renamed.get(member) if isinstance(member, str) else None
-    return json.dumps(doc, sort_keys=True)
+    items = [{**item, "member": renamed.get(item["member"]) if isinstance(item.get("member"), str) else None}
+             if isinstance(item, dict) and item.get("member") is not None else item
+             for item in (items if isinstance(items, list) else [])]
+    return {**doc, "items": items}
 
 
 # --------------------------------------------------------------------------- video

@@ -66,7 +66,8 @@ it predicts `read_shard` exactly):
 Metadata (`sample_row`, which never raises): the json member must be UTF-8 and a JSON
 object (else `bad_metadata`; too deep nesting too). NaN/Infinity become null (pandas
 writes them for missing values). url, caption, source, probe.codec must be strings or
-null, probe an object, missing_images an array of strings, items an array of objects;
+null, probe an object, missing_images an array of strings, items an array of objects
+(type text or image; text, url, member strings or null; other item fields are not kept);
 anything else fails the row `bad_metadata` naming the field. Numeric probe fields must be
 non-negative finite numbers (an integral float counts as an int: 640.0 -> 640); strings,
 booleans, fractions in int fields and out-of-range values fail. A kind that is not one of
@@ -76,7 +77,8 @@ say (`infer_kind`: a video member (mp4, webm, mkv, mov) -> video, several images
 as the document's items, else image_text); a video's facts then come from the file
 (media.tier_members probes it when stage A validates the media). A uid that is not ours
 (a number, another format) is not an error: the row gets the uid derived from its place.
-source_meta is `meta` as it was written (a string as is, JSON as its text), unless
+source_meta is `meta` as it was written (a string as is when it is JSON, else as a JSON
+string; JSON as its text), unless
 the json has fields of the producer's own (any non-empty field not in KNOWN_FIELDS:
 license, width, original_width, similarity, ...): then it is one JSON object of them
 with meta's fields on top (meta that is not an object goes under "meta"). A sha256 that is not 64 hex chars is ignored and recomputed from the content:
@@ -845,7 +847,7 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
         if extra:
             row["source_meta"] = _merged_meta(extra, raw_meta)
         elif raw_meta is None or isinstance(raw_meta, str):
-            row["source_meta"] = _utf8(raw_meta, "meta") if raw_meta is not None else None
+            row["source_meta"] = _json_text(_utf8(raw_meta, "meta")) if raw_meta is not None else None
         else:  # JSON already: keep it as its JSON text
             row["source_meta"] = json.dumps(raw_meta, sort_keys=True, allow_nan=False)
     except _Bad as bad:
@@ -865,7 +867,7 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
         row["text"] = caption
 
     media = media_members(kind, files)
-    row["media"] = json.dumps(media)
+    row["media"] = media
     row["num_bytes"] = sum(len(files[m]) for m in media)  # all media: what a tier shard will carry
     # The media the operators look at: the image, a document's first image, or the clip
     # (video operators decode frames from it; image operators do not take video rows).
@@ -883,13 +885,14 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
                 items = []
             if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
                 raise _Bad("bad_metadata", "json field 'items' must be an array of objects")
+            items = [_doc_item(it) for it in items]
             doc_id = meta.get("doc_id")
             if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
                 raise _Bad("bad_metadata", f"json field 'doc_id' must be a string, got {_type_name(doc_id)}")
             if inferred and not items:  # a document without items: its images in order
                 items = [{"type": "image", "member": m} for m in media]
-            row["missing_images"] = json.dumps(missing)
-            row["doc"] = json.dumps({"doc_id": doc_id, "items": items}, allow_nan=False)
+            row["missing_images"] = missing
+            row["doc"] = {"doc_id": None if doc_id is None else str(doc_id), "items": items}
             texts = [it["text"] for it in items if isinstance(it.get("text"), str)]
             if row["text"] is not None:
                 texts.append(row["text"])
@@ -916,6 +919,34 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
         if not media:
             fail("no_video", f"sample has no {'/'.join(VIDEO_EXTS)} member")
     return row
+
+
+ITEM_FIELDS = ("type", "text", "url", "member")  # a document item's fields (the sidecar's doc struct)
+
+
+def _doc_item(item: dict) -> dict:
+    """A document item as the sidecar's doc struct holds it: type text or image, text,
+    url and member strings or null; other fields are not kept."""
+    if item.get("type") not in ("text", "image"):
+        raise _Bad("bad_metadata", f"a document item's type must be 'text' or 'image', got {_one_line(repr(item.get('type')), 50)}")
+    for name in ITEM_FIELDS[1:]:
+        if item.get(name) is not None and not isinstance(item[name], str):
+            raise _Bad("bad_metadata", f"a document item's {name} must be a string, got {_type_name(item[name])}")
+    return {name: item.get(name) for name in ITEM_FIELDS}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN/Infinity; DuckDB does not
+
+
+def _json_text(text: str) -> str:
+    """`meta` written as a string: kept as is when it is JSON text, else as a JSON string
+    (source_meta is a JSON column)."""
+    try:
+        json.loads(text, parse_constant=_no_constant, parse_int=_parse_int)
+        return text
+    except (ValueError, RecursionError):
+        return json.dumps(text)
 
 
 def _producer_fields(meta: dict) -> dict:

@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import decide as stage_b
@@ -35,6 +36,10 @@ from .inputs import InputOptions, RawInput, ShardRef, resolve_input
 from .rawshards import count_samples
 
 WORK = "_work"
+# What a run writes to its sidecars and ledger, by version: 2 = typed list/struct/map/JSON
+# columns and the ledger's fetched_at/http_status (1: JSON text). A run folder of another
+# format is never resumed: its parts and ledgers would mix the two.
+DATA_FORMAT = 2
 
 
 def _check_run_identity(work: Path, cfg: PipelineConfig, raw: RawInput) -> None:
@@ -50,10 +55,16 @@ def _check_run_identity(work: Path, cfg: PipelineConfig, raw: RawInput) -> None:
                 # how they are read: the same files read with other columns are another input
                 "input_options": asdict(raw.options),
                 # What plan and export read later (config.for_output): no file or module needed.
-                "recipe": cfg.describe()}
+                "recipe": cfg.describe(), "data_format": DATA_FORMAT,
+                # The run's first start (UTC); only here and in summary.json: tiers stay byte-identical.
+                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     marker = work / "run.json"
     if marker.exists():
         previous = json.loads(marker.read_text())
+        if previous.get("data_format", 1) != DATA_FORMAT:
+            raise ConfigError(f"{work.parent} holds a run written by another version of curation (data format "
+                              f"{previous.get('data_format', 1)}, this one writes {DATA_FORMAT}: typed sidecar and ledger "
+                              "columns); use a new --out folder")
         other_config = previous.get("config_hash") != cfg.config_hash
         other_input = (previous.get("raw_shards") != identity["raw_shards"] or
                        previous.get("input_options", asdict(InputOptions(format="tar"))) != identity["input_options"])
@@ -212,6 +223,8 @@ def _run(cfg: PipelineConfig, raw_input: str, out: Path, ray_address: str | None
 
     summary = {
         "pipeline": cfg.name,
+        "started_at": json.loads((work / "run.json").read_text()).get("started_at"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config_hash": cfg.config_hash,
         "raw_samples": n_raw,
         "raw_bytes": sum(max(p.size, 0) for p in shards),

@@ -2,7 +2,12 @@
 schemas/), and validation of what the code writes.
 
 JSON Schema is the language-neutral contract; the Arrow schema of each parquet file is
-derived from it so column names and types cannot drift from the documented contract.
+derived from it so column names and types cannot drift from the documented contract:
+arrays are Arrow lists, objects with `properties` structs, objects with only
+`additionalProperties` maps, a string with `contentMediaType: application/json`
+Arrow's JSON extension type, a `date-time` string a UTC timestamp and an `int32` integer
+an int32 (`_arrow_type`). In Python a row holds them as lists, dicts, (JSON) text and
+ISO text; `py_value` turns what Arrow or pandas hand back into that.
 
 A run may add columns to its sidecars: an operator declares them with their types
 (`outputs = {"my_score": "float"}`, see curation/ops/base.py), and the run passes the
@@ -13,6 +18,7 @@ sidecar contract. The built-in columns and their types are the same in every run
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
 import json
 import re
@@ -125,12 +131,84 @@ def columns(name: str, declared: Declared = ()) -> list[str]:
     return list(load(name, declared)["properties"])
 
 
+JSON_MEDIA_TYPE = "application/json"
+
+
 def _arrow_type(prop: dict) -> pa.DataType:
+    """The Arrow type of a contract property: scalars by their JSON type; an array by its
+    `items` (list); an object with `properties` is a struct (fields in contract order),
+    one with only `additionalProperties` a map from string; a string whose
+    contentMediaType is JSON uses Arrow's JSON extension type (Parquet's JSON logical
+    type, which DuckDB reads as JSON)."""
     if "const" in prop or "enum" in prop:
         return pa.string()
-    types = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
-    concrete = [t for t in types if t != "null"]
-    return _ARROW_TYPES[concrete[0]] if concrete else pa.string()
+    types = prop.get("type", "string")
+    types = types if isinstance(types, list) else [types]
+    concrete = next((t for t in types if t != "null"), "string")
+    if concrete == "array":
+        return pa.list_(_arrow_type(prop["items"]))
+    if concrete == "object":
+        if "properties" in prop:
+            return pa.struct([pa.field(k, _arrow_type(v)) for k, v in prop["properties"].items()])
+        return pa.map_(pa.string(), _arrow_type(prop["additionalProperties"]))
+    if concrete == "string" and prop.get("contentMediaType") == JSON_MEDIA_TYPE:
+        return pa.json_(pa.string())
+    if concrete == "string" and prop.get("format") == "date-time":
+        return pa.timestamp("us", tz="UTC")
+    if concrete == "integer" and prop.get("format") == "int32":
+        return pa.int32()
+    return _ARROW_TYPES[concrete]
+
+
+def py_value(value: Any, arrow_type: pa.DataType) -> Any:
+    """A value of a column of `arrow_type` as the plain Python value the contract
+    describes, whichever way it was read: Arrow's to_pylist (maps as (key, value)
+    pairs), pandas (lists as numpy arrays, NaN for null) or already plain. Lists become
+    lists, structs and maps dicts, scalars as plain_value gives them."""
+    value = plain_value(value)
+    if value is None:
+        return None
+    if isinstance(arrow_type, pa.ExtensionType):
+        arrow_type = arrow_type.storage_type
+    if pa.types.is_map(arrow_type):
+        pairs = value.items() if isinstance(value, dict) else value
+        return {k: py_value(v, arrow_type.item_type) for k, v in pairs}
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return [py_value(v, arrow_type.value_type) for v in value]
+    if pa.types.is_struct(arrow_type) and isinstance(value, dict):
+        return {f.name: py_value(value.get(f.name), f.type) for f in arrow_type}
+    if pa.types.is_integer(arrow_type) and isinstance(value, float) and value.is_integer():
+        return int(value)  # pandas holds an integer column with nulls as floats
+    if pa.types.is_timestamp(arrow_type) and isinstance(value, datetime.datetime):
+        return value.astimezone(datetime.timezone.utc).isoformat()  # the contract's date-time string
+    return value
+
+
+def _arrow_value(value: Any, arrow_type: pa.DataType) -> Any:
+    """A validated plain value as pyarrow takes it for `arrow_type` (date-time text ->
+    datetime; everything else as is)."""
+    if pa.types.is_timestamp(arrow_type) and isinstance(value, str):
+        return datetime.datetime.fromisoformat(value)
+    return value
+
+
+def typed_columns(name: str, declared: Declared = ()) -> dict[str, pa.DataType]:
+    """Contract `name`'s columns whose values are lists, structs or maps, with their types."""
+    return {f.name: f.type for f in arrow_schema(name, declared) if pa.types.is_nested(f.type)}
+
+
+def plain_columns(frame: pd.DataFrame, name: str = "sidecar", declared: Declared = ()) -> pd.DataFrame:
+    """`frame` (a pandas batch read from Arrow) with its nested contract columns as plain
+    Python lists and dicts, so operators read them as what the contract says (in place)."""
+    for col, arrow_type in typed_columns(name, declared).items():
+        if col in frame.columns:
+            frame[col] = pd.Series([py_value(v, arrow_type) for v in frame[col]], index=frame.index, dtype=object)
+    return frame
+
+
+def table_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows of an Arrow table as plain Python values (maps as dicts)."""
+    return table.to_pylist(maps_as_pydicts="strict")
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,9 +243,12 @@ def validate_document(name: str, doc: dict) -> None:
 
 
 def plain_value(value: Any) -> Any:
-    """pandas/numpy values -> plain Python (NaN and NA -> None) for validation."""
+    """pandas/numpy values -> plain Python (NaN and NA -> None) for validation; a numpy
+    array (a list cell of a pandas frame read from Arrow) -> a list."""
     if value is None or value is pd.NA or value is pd.NaT:
         return None
+    if isinstance(value, np.ndarray):
+        return [plain_value(v) for v in value.tolist()]
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, np.generic):
@@ -177,8 +258,19 @@ def plain_value(value: Any) -> Any:
 
 def records(df: pd.DataFrame, name: str, declared: Declared = ()) -> list[dict[str, Any]]:
     """Rows of `df` restricted to contract `name`'s columns, as plain Python values."""
-    cols = [c for c in columns(name, declared) if c in df.columns]
-    return [{c: plain_value(v) for c, v in zip(cols, row)} for row in df[cols].itertuples(index=False, name=None)]
+    schema = arrow_schema(name, declared)
+    cols = [c for c in schema.names if c in df.columns]
+    types = [schema.field(c).type for c in cols]
+    return [{c: py_value(v, t) for c, t, v in zip(cols, types, row)}
+            for row in df[cols].itertuples(index=False, name=None)]
+
+
+def plain_rows(name: str, rows: Iterable[dict[str, Any]], declared: Declared = ()) -> list[dict[str, Any]]:
+    """Rows as plain Python values of contract `name`'s types (lists, dicts, None for NaN);
+    columns outside the contract as plain_value gives them."""
+    schema = arrow_schema(name, declared)
+    types = {f.name: f.type for f in schema}
+    return [{k: py_value(v, types[k]) if k in types else plain_value(v) for k, v in r.items()} for r in rows]
 
 
 def to_table(name: str, rows: list[dict[str, Any]] | pd.DataFrame, declared: Declared = ()) -> pa.Table:
@@ -187,7 +279,10 @@ def to_table(name: str, rows: list[dict[str, Any]] | pd.DataFrame, declared: Dec
     if isinstance(rows, pd.DataFrame):
         rows = records(rows, name, declared)
     else:
-        rows = [{k: plain_value(v) for k, v in r.items()} for r in rows]
+        rows = plain_rows(name, rows, declared)
     validate_rows(name, rows, declared)
     schema = arrow_schema(name, declared)
+    timestamps = [f.name for f in schema if pa.types.is_timestamp(f.type)]
+    if timestamps:
+        rows = [{**r, **{c: _arrow_value(r.get(c), schema.field(c).type) for c in timestamps}} for r in rows]
     return pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)

@@ -130,10 +130,10 @@ def test_every_format_has_a_reader():
 
 
 # --------------------------------------------------------------------------- conversations
-DOC = json.dumps({"items": [{"type": "text", "text": "Intro."}, {"type": "image", "member": "1.jpg"},
-                            {"type": "image", "member": None},  # an image that never arrived
-                            {"type": "text", "text": "About one <image> here."}, {"type": "image", "member": "0.jpg"},
-                            {"type": "text", "text": "About zero."}, {"type": "text", "text": "More."}]})
+DOC = {"items": [{"type": "text", "text": "Intro."}, {"type": "image", "member": "1.jpg"},
+                  {"type": "image", "member": None},  # an image that never arrived
+                  {"type": "text", "text": "About one <image> here."}, {"type": "image", "member": "0.jpg"},
+                  {"type": "text", "text": "About zero."}, {"type": "text", "text": "More."}]}
 
 
 def _flat(turns, tokens={"image": "<image>", "video": "<video>"}):
@@ -158,7 +158,7 @@ def test_a_document_keeps_its_order_and_text_cannot_add_placeholders():
     ["not an item"],
 ])
 def test_a_document_that_does_not_add_up_is_not_interleaved(items):
-    turns = conversation("interleaved", "t", None, json.dumps({"items": items}), ["0.jpg", "1.jpg"])
+    turns = conversation("interleaved", "t", None, {"items": items}, ["0.jpg", "1.jpg"])
     assert _flat(turns) == [("user", "<image>\n<image>\nDescribe the images in order."), ("assistant", "t")]
 
 
@@ -187,9 +187,9 @@ def _check_documents(fmt, records, demo_out):
         if rec["id"] not in docs:
             continue
         row, files = docs[rec["id"]], members[docs[rec["id"]]["key"]]
-        items = [it for it in json.loads(row["doc"])["items"] if it["type"] == "text" or it.get("member")]
+        items = [it for it in row["doc"]["items"] if it["type"] == "text" or it.get("member")]
         if fmt == "cauldron":
-            order = json.loads(row["media"])
+            order = list(row["media"])
             assert rec["text"] == "Describe the images in order.\n" + row["text"]
         else:
             order = [it["member"] for it in items if it["type"] == "image"]
@@ -289,20 +289,20 @@ def hostile_root(tmp_path):
     tier = root / "tiers" / "alignment"
     tier.mkdir(parents=True)
     pd.DataFrame({"uid": ["u1"], "status": ["kept"]}).to_parquet(root / "ledger.parquet")
-    doc = json.dumps({"items": [{"type": "text", "text": "Doc."}, {"type": "image", "member": "0.jpg"},
-                                {"type": "text", "text": "First."}, {"type": "image", "member": "1.jpg"},
-                                {"type": "text", "text": "Second."}]})
+    doc = {"items": [{"type": "text", "text": "Doc."}, {"type": "image", "member": "0.jpg"},
+                     {"type": "text", "text": "First."}, {"type": "image", "member": "1.jpg"},
+                     {"type": "text", "text": "Second."}]}
     rows = [  # uid, key, kind, media, doc
-        ("u1", "u1", "image_text", '["jpg"]', None),
-        ("d1", "d1", "interleaved", '["0.jpg", "1.jpg"]', doc),
-        ("u5", "../../evil", "image_text", '["jpg"]', None),
-        ("u6", "/tmp/abs_evil", "image_text", '["jpg"]', None),
-        ("u7", "k7", "interleaved", '["0.jpg", "../../../x.jpg"]', None),
-        ("u8", "k8", "image_text", '["jp\\u0000g"]', None),
-        ("u9", "k9", "video", '["../../clip.mp4"]', None),
-        ("u10", "k10", "video", '["mp4"]', None),
-        ("u11", "k11", "image_text", "not json", None),
-        ("u12", "k12", "image_text", '["jpg", "png"]', None),
+        ("u1", "u1", "image_text", ["jpg"], None),
+        ("d1", "d1", "interleaved", ["0.jpg", "1.jpg"], doc),
+        ("u5", "../../evil", "image_text", ["jpg"], None),
+        ("u6", "/tmp/abs_evil", "image_text", ["jpg"], None),
+        ("u7", "k7", "interleaved", ["0.jpg", "../../../x.jpg"], None),
+        ("u8", "k8", "image_text", ["jp\u0000g"], None),
+        ("u9", "k9", "video", ["../../clip.mp4"], None),
+        ("u10", "k10", "video", ["mp4"], None),
+        ("u11", "k11", "image_text", [], None),
+        ("u12", "k12", "image_text", ["jpg", "png"], None),
     ]
     pd.DataFrame({"uid": [r[0] for r in rows], "key": [r[1] for r in rows], "kind": [r[2] for r in rows],
                   "media": [r[3] for r in rows], "doc": [r[4] for r in rows], "tier": "alignment",
@@ -336,7 +336,7 @@ def test_hostile_names_are_skipped_and_nothing_leaves_out(hostile_root, tmp_path
     reasons = {s["key"]: s["reason"] for s in result["skipped"]}
     assert "unsafe key" in reasons["'../../evil'"] and "unsafe key" in reasons["'/tmp/abs_evil'"]
     assert "unsafe media name" in reasons["'k7'"] and "\\x00" in reasons["'k8'"]  # shown escaped, never raw
-    assert "unsafe media name" in reasons["'k9'"] and "not JSON" in reasons["'k11'"]
+    assert "unsafe media name" in reasons["'k9'"] and "no media listed" in reasons["'k11'"]
     assert "lists 2 media" in reasons["'k12'"] and "not in the sidecar" in reasons["'stray'"]
     assert any(s["key"] is None and "unsafe shard name" in s["reason"] for s in result["skipped"])
     if fmt in IMAGES_ONLY:

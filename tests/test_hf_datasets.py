@@ -74,7 +74,7 @@ def test_image_tiers_decode_to_pil_with_the_tars_pixels(tiers):
         assert isinstance(ds.features["jpg"], datasets.Image) and isinstance(ds.features["webp"], datasets.Image)
         members = tar_members(tier_dir, manifest)
         for row in ds.select(range(min(10, ds.num_rows))):
-            (ext,) = json.loads(row["json"]["media"])
+            (ext,) = row["json"]["media"]
             assert [e for e in ("jpg", "png", "webp") if row[e] is not None] == [ext], (name, row["__key__"])
             image = row[ext]
             assert isinstance(image, Image.Image)
@@ -92,7 +92,7 @@ def test_documents_give_their_images_in_order_with_the_json(tiers):
     declared_images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
     most = 0
     for row in ds:
-        names = json.loads(row["json"]["media"])
+        names = row["json"]["media"]
         assert names == [f"{i}.{n.split('.', 1)[1]}" for i, n in enumerate(names)]  # 0.<ext>, 1.<ext>, ...
         assert len(names) == row["json"]["num_images"]
         images = [row[m] for m in names]
@@ -102,7 +102,7 @@ def test_documents_give_their_images_in_order_with_the_json(tiers):
         # Columns of other documents' members are None here, never stale images.
         assert all(row[c] is None for c in declared_images if c not in names)
         # The document's image items name the members, in the same order.
-        items = json.loads(row["json"]["doc"])["items"]
+        items = row["json"]["doc"]["items"]
         assert [it["member"] for it in items if it.get("type") == "image" and it.get("member")] == names
         most = max(most, len(names))
     assert most >= 2  # the demo has multi-image documents: variable member sets load
@@ -114,7 +114,7 @@ def test_video_rows_give_the_clip_bytes(tiers):
     assert isinstance(ds.features["mp4"], datasets.Video) and isinstance(ds.features["webm"], datasets.Video)
     members = tar_members(tier_dir, manifest)
     for row in ds:
-        (ext,) = json.loads(row["json"]["media"])
+        (ext,) = row["json"]["media"]
         clip = row[ext]
         assert clip["bytes"] == members[row["__key__"]][ext]
         assert clip["path"] == f"{row['__key__']}.{ext}"
@@ -155,9 +155,10 @@ def _webm(frames: int = 6) -> bytes:
 def _row(key: str, kind: str, names: list[str], text: str | None = None) -> dict:
     row = {"uid": key, "key": key, "kind": kind, "source": "test", "status": "kept", "tier": "mixed",
            "shard": "mixed-000000", "sha256": "0" * 64, "width": 6, "height": 4, "pipeline": "p",
-           "config_hash": "0123456789abcdef", "op_versions": "{}", "text": text, "media": json.dumps(names)}
+           "config_hash": "0123456789abcdef", "op_versions": {"decode_image": "1"}, "text": text, "media": names,
+           "source_meta": '{"license": "cc-by"}'}
     if kind == "interleaved":
-        row["doc"] = json.dumps({"items": [{"type": "image", "member": n} for n in names]})
+        row["doc"] = {"doc_id": None, "items": [{"type": "image", "member": n} for n in names]}
     return row
 
 
@@ -187,7 +188,9 @@ def test_mixed_member_sets_and_webm_load_and_an_empty_tier_says_so(tmp_path):
     assert media_columns == ["jpg", "png", "webp", "mp4", "webm", "0.jpg", "0.png", "1.jpg", "1.webp", "2.jpg"]
     for row, members in zip(ds, media):
         assert {c for c in media_columns if row[c] is not None} == {name for name, _ in members}
-        assert json.loads(row["json"]["media"]) == [name for name, _ in members]  # the order to read them in
+        assert row["json"]["media"] == [name for name, _ in members]  # the order to read them in
+        # maps and JSON columns come back decoded (datasets' Json feature)
+        assert row["json"]["op_versions"] == {"decode_image": "1"} and row["json"]["source_meta"] == {"license": "cc-by"}
         for name, data in members:
             if name == "webm":
                 assert row[name]["bytes"] == data

@@ -333,10 +333,10 @@ def test_kinds_are_told_by_the_members_when_no_json_says(tmp_path):
         "one": "image_text", "doc": "interleaved", "pages": "interleaved", "clip": "video", "mkv": "video",
         "said": "image_text"}
     doc = by_key["doc"][0]
-    assert json.loads(doc["media"]) == ["0.jpg", "1.png", "2.jpg"] and doc["num_images"] == 3
-    assert [i["member"] for i in json.loads(doc["doc"])["items"]] == ["0.jpg", "1.png", "2.jpg"]
-    assert json.loads(by_key["pages"][0]["media"]) == ["img0.jpg", "img1.jpg"]
-    assert json.loads(by_key["said"][0]["media"]) == ["0.jpg"]  # the json's kind wins
+    assert doc["media"] == ["0.jpg", "1.png", "2.jpg"] and doc["num_images"] == 3
+    assert [i["member"] for i in doc["doc"]["items"]] == ["0.jpg", "1.png", "2.jpg"]
+    assert by_key["pages"][0]["media"] == ["img0.jpg", "img1.jpg"]
+    assert by_key["said"][0]["media"] == ["0.jpg"]  # the json's kind wins
     for key in ("clip", "mkv"):  # probed from the file, no probe json needed
         row, files = by_key[key]
         assert row["status"] == "kept" and row["duration"] is None

@@ -322,7 +322,7 @@ def test_a_users_operator_adds_a_typed_column_that_duckdb_reads(green_run):
             with tarfile.open(tar_path) as tar:
                 members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
             for row in sidecar:
-                share, count = _green_share(members[f"{row['key']}.{json.loads(row['media'])[0]}"])
+                share, count = _green_share(members[f"{row['key']}.{row['media'][0]}"])
                 assert row["green_share"] == pytest.approx(share, abs=1e-9) and row["green_pixels"] == count
                 assert json.loads(members[f"{row['key']}.json"])["green_share"] == row["green_share"]
                 checked += 1

@@ -10,7 +10,7 @@ from curation.schemas import SchemaViolation
 UID = "0123456789abcdef"
 SIDECAR = {"uid": UID, "kind": "image_text", "source": "s", "status": "kept", "tier": "t", "shard": "t-000000.tar",
            "key": UID, "sha256": "a" * 64, "width": 10, "height": 10, "pipeline": "p", "config_hash": "b" * 16,
-           "op_versions": "{}"}
+           "op_versions": {}}
 MANIFEST = {"tier": "t", "pipeline": "p", "config_hash": "b" * 16, "curation_version": "0", "num_samples": 1,
             "num_bytes": 10, "shards": [{"name": "t-0.tar", "sidecar": "t-0.parquet", "samples": 1, "bytes": 10, "sha256": "c" * 64}]}
 

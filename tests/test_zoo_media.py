@@ -4,7 +4,6 @@ faithful to what the operators saw and described truly by its row updates."""
 
 import hashlib
 import io
-import json
 import resource
 import struct
 import time
@@ -74,13 +73,12 @@ def video(codec="mpeg4", fmt="mp4", frames=16, fps=8, size=(64, 48)):
 
 
 def image_row(ext="jpg"):
-    return {"kind": "image_text", "media": json.dumps([ext])}
+    return {"kind": "image_text", "media": [ext]}
 
 
 def doc_row(names, items=None):
     items = items if items is not None else [{"type": "image", "member": n} for n in names]
-    return {"kind": "interleaved", "media": json.dumps(names),
-            "doc": json.dumps({"doc_id": "d", "items": items}), "sha256": "ab" * 32}
+    return {"kind": "interleaved", "media": list(names), "doc": {"doc_id": "d", "items": items}, "sha256": "ab" * 32}
 
 
 def pixel(img, xy=(0, 0)):
@@ -269,7 +267,7 @@ def test_orientation_one_keeps_the_original_bytes():
     data = exif_jpeg(1)
     assert tier_members(image_row(), {"jpg": data}) == (
         [("jpg", data)], {"image_format": "JPEG", "source_format": "JPEG", "conversion": None, "width": 40,
-                          "height": 20, "media": '["jpg"]', "num_bytes": len(data)})
+                          "height": 20, "media": ["jpg"], "num_bytes": len(data)})
 
 
 def test_animated_gif_and_png_give_their_first_frame_as_a_still_png():
@@ -297,7 +295,7 @@ def test_gif_frame_larger_than_its_screen_is_capped():
 def test_webp_kept_as_is_unless_it_has_alpha():
     lossy = save(Image.new("RGB", (32, 32), (10, 120, 200)), "WEBP", quality=80)
     members, updates = tier_members(image_row("jpg"), {"jpg": lossy})  # misnamed in the raw shard
-    assert members == [("webp", lossy)] and updates["image_format"] == "WEBP" and updates["media"] == '["webp"]'
+    assert members == [("webp", lossy)] and updates["image_format"] == "WEBP" and updates["media"] == ["webp"]
     alpha = save(Image.new("RGBA", (32, 32), (10, 120, 200, 0)), "WEBP", quality=80)
     members, updates = tier_members(image_row("webp"), {"webp": alpha})
     assert updates["conversion"] == "alpha" and members[0][0] == "jpg"  # lossy source: JPEG q95
@@ -310,7 +308,7 @@ def test_png_named_jpg_is_named_by_its_real_format_and_kept():
     data = save(Image.new("RGB", (40, 30), (1, 2, 3)), "PNG")
     row = image_row("jpg")
     assert tier_media(row, {"jpg": data}) == [("png", data)]  # the writer's wrapper updates the row
-    assert row["media"] == '["png"]' and row["image_format"] == "PNG" and row["num_bytes"] == len(data)
+    assert row["media"] == ["png"] and row["image_format"] == "PNG" and row["num_bytes"] == len(data)
 
 
 def test_pass_through_is_header_only(monkeypatch):
@@ -333,11 +331,11 @@ def test_document_members_renamed_and_references_rewritten():
     members, updates = tier_members(row, {"0.jpg": a, "1.jpg": b, "2.jpg": tif})
     assert [m for m, _ in members] == ["0.jpg", "1.png", "2.png"]
     assert members[0][1] == a and members[1][1] == b and updates["num_images"] == 3
-    doc = json.loads(updates["doc"])
+    doc = updates["doc"]
     assert doc["items"][1]["member"] == "0.jpg" and doc["items"][7]["member"] == "2.png"
     assert doc["items"][8]["member"] == "1.png" and doc["items"][9]["member"] is None
     assert doc["items"][2:6] == ["stray string", 7, None, ["a", "list"]] and doc["items"][6]["member"] is None
-    assert updates["media"] == '["0.jpg", "1.png", "2.png"]' and updates["conversion"] == "format"
+    assert updates["media"] == ["0.jpg", "1.png", "2.png"] and updates["conversion"] == "format"
     assert (updates["width"], updates["height"], updates["image_format"]) == (40, 30, "JPEG")  # the first image's
     assert updates["num_bytes"] == sum(len(d) for _, d in members) and "sha256" not in updates
 
@@ -365,14 +363,14 @@ def test_document_problems_are_media_errors():
         tier_members({**doc_row(["0.jpg"]), "doc": "[1, 2]"}, {"0.jpg": jpeg()})
     assert err.value.reason == "bad_document"
     with pytest.raises(MediaError) as err:
-        tier_members({**doc_row([]), "media": "[]"}, {})
+        tier_members({**doc_row([]), "media": []}, {})
     assert err.value.reason == "no_image"
 
 
 # ---------------------------------------------------------------- video
 def test_video_probe_comes_from_the_file_not_the_json():
     clip = video(frames=16, fps=8)
-    row = {"kind": "video", "media": '["mp4"]', "duration": 100.0, "fps": 60.0, "width": 4000, "height": 3000,
+    row = {"kind": "video", "media": ["mp4"], "duration": 100.0, "fps": 60.0, "width": 4000, "height": 3000,
            "sha256": "cd" * 32}
     members, updates = tier_members(row, {"mp4": clip})
     assert members == [("mp4", clip)]
@@ -383,8 +381,8 @@ def test_video_probe_comes_from_the_file_not_the_json():
 
 def test_video_without_sha256_gets_the_files_and_webm_is_named_webm():
     clip = video("libvpx", "webm", frames=10, fps=10)
-    members, updates = tier_members({"kind": "video", "media": '["mp4"]', "sha256": None}, {"mp4": clip})
-    assert members[0][0] == "webm" and updates["media"] == '["webm"]'
+    members, updates = tier_members({"kind": "video", "media": ["mp4"], "sha256": None}, {"mp4": clip})
+    assert members[0][0] == "webm" and updates["media"] == ["webm"]
     assert updates["sha256"] == hashlib.sha256(clip).hexdigest()
     assert updates["num_frames"] == 10 and updates["duration"] == pytest.approx(1.0, abs=0.15)
 
@@ -393,7 +391,7 @@ def test_video_without_sha256_gets_the_files_and_webm_is_named_webm():
 def test_corrupt_video_bytes_are_corrupt_video(data):
     data = video()[:400] if data is None else data
     with pytest.raises(MediaError) as err:
-        tier_members({"kind": "video", "media": '["mp4"]'}, {"mp4": data})
+        tier_members({"kind": "video", "media": ["mp4"]}, {"mp4": data})
     assert err.value.reason in ("corrupt_video", "unsupported_video") and "\n" not in str(err.value)
 
 
@@ -404,7 +402,7 @@ def test_same_input_gives_identical_bytes_and_updates():
         (image_row(), {"jpg": save(Image.new("CMYK", (30, 20), (0, 200, 30, 10)), "JPEG")}),
         (image_row("png"), {"png": save(Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 999), "PNG")}),
         (doc_row(["0.png", "1.jpg"]), {"0.png": save(Image.new("LA", (9, 9), (3, 100)), "PNG"), "1.jpg": jpeg()}),
-        ({"kind": "video", "media": '["mp4"]'}, {"mp4": video(frames=4)}),
+        ({"kind": "video", "media": ["mp4"]}, {"mp4": video(frames=4)}),
     ]
     for row, files in cases:
         first = tier_members(dict(row), files)

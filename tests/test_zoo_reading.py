@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curation.annotate import stage_schema
 from curation.errors import InputError
 from curation.ids import make_uid
 from curation.rawshards import READ_COLUMNS, ReadCaps, count_samples, iter_samples, read_shard, scan_keys
@@ -21,10 +22,7 @@ from curation.rawshards import READ_COLUMNS, ReadCaps, count_samples, iter_sampl
 SRC = "src"
 JPG = b"\xff\xd8\xff\xe0fake-jpeg" + b"\x00" * 50
 MP4 = b"\x00\x00\x00\x18ftypmp42fake-video"
-INT_COLS = ("width", "height", "num_frames", "num_images", "num_bytes")
-FLOAT_COLS = ("duration", "fps")
-SCHEMA = pa.schema([pa.field(c, pa.int64() if c in INT_COLS else pa.float64() if c in FLOAT_COLS
-                             else pa.binary() if c == "image_bytes" else pa.string()) for c in READ_COLUMNS])
+SCHEMA = stage_schema(list(READ_COLUMNS))  # what stage A's Ray blocks hold (the sidecar contract's types)
 
 
 def info(name: str, size: int = 0, type_: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
@@ -256,7 +254,7 @@ STRUCT_CASES = {
     "unicode_digit_image_names": (
         write("s.tar", tar_of([("k.\u00b2.jpg", JPG), ("k." + "9" * 5000 + ".jpg", JPG), ("k.1.jpg", JPG),
                                ("k.json", b'{"kind": "interleaved"}')], fmt=tarfile.PAX_FORMAT)),
-        None, KEPT, lambda out: out[0][0]["media"] == '["1.jpg"]'),
+        None, KEPT, lambda out: out[0][0]["media"] == ["1.jpg"]),
     "duplicate_key": (write("s.tar", tar_of(sample("a", {"uid": UID_A}) + sample("b", {}) + sample("a", {"uid": UID_A}))),
                       None, KEPT * 2 + [("failed", "duplicate_key")],
                       lambda out: len({r["uid"] for r, _ in out}) == 3 and out[0][0]["uid"] == UID_A

@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 import warnings
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
@@ -68,7 +69,9 @@ class FetchPolicy:
 @dataclass
 class Outcome:
     """How one url ended: kept (with data), dropped (reason) or failed (reason + error).
-    `transient` marks failures worth retrying in a later crawl run."""
+    `transient` marks failures worth retrying in a later crawl run; `http_status` is the
+    last response's status (after redirects; None when none came), `fetched_at` when the
+    last attempt started (UTC)."""
 
     url: str
     status: str
@@ -79,6 +82,8 @@ class Outcome:
     final_url: str | None = None
     attempts: int = 0
     transient: bool = False
+    http_status: int | None = None
+    fetched_at: datetime | None = None
 
 
 ERROR_PREFIX = "curation:"
@@ -87,7 +92,8 @@ ERROR_PREFIX = "curation:"
 def encode_outcome(o: Outcome) -> str:
     """An outcome as an error string (img2dataset's error_message column), decodable by decode_error."""
     return ERROR_PREFIX + json.dumps({"status": o.status, "reason": o.reason, "error": o.error,
-                                      "transient": o.transient})
+                                      "transient": o.transient, "http_status": o.http_status,
+                                      "fetched_at": o.fetched_at.isoformat() if o.fetched_at else None})
 
 
 def decode_error(message: str | None) -> dict | None:
@@ -223,7 +229,8 @@ def _request_target(parts) -> str:
     return quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_TARGET_SAFE)
 
 
-def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver) -> Outcome:
+def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver, seen: dict) -> Outcome:
+    """One attempt; `seen["http_status"]` is set to each response's status as it comes."""
     deadline = time.monotonic() + policy.deadline
     current = url
     for _hop in range(policy.max_redirects + 1):
@@ -251,6 +258,7 @@ def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver) -> Outcome:
             path = _request_target(parts)
             conn.request("GET", path, headers={"User-Agent": policy.user_agent, "Accept": "*/*"})
             resp = conn.getresponse()
+            seen["http_status"] = resp.status
             if resp.status in REDIRECTS:
                 location = resp.getheader("Location")
                 if not location:
@@ -280,6 +288,11 @@ def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver) -> Outcome:
     raise _Final("failed", "too_many_redirects", f"more than {policy.max_redirects} redirects")
 
 
+def _stamped(outcome: Outcome, seen: dict) -> Outcome:
+    outcome.http_status, outcome.fetched_at = seen.get("http_status"), seen["fetched_at"]
+    return outcome
+
+
 def fetch(url: str, kind: str = "image", policy: FetchPolicy | None = None,
           resolver: Callable[[str, int], list[str]] | None = None,
           sleep: Callable[[float], None] = time.sleep) -> Outcome:
@@ -289,24 +302,25 @@ def fetch(url: str, kind: str = "image", policy: FetchPolicy | None = None,
     resolver = resolver or policy.resolver or resolve
     last: Outcome | None = None
     for attempt in range(1, policy.retries + 2):
+        seen: dict = {"fetched_at": datetime.now(timezone.utc)}
         try:
-            outcome = _fetch_once(url, kind, policy, resolver)
+            outcome = _fetch_once(url, kind, policy, resolver, seen)
             outcome.attempts = attempt
-            return outcome
+            return _stamped(outcome, seen)
         except _Final as exc:
-            return Outcome(url, exc.status, exc.reason, exc.error, attempts=attempt)
+            return _stamped(Outcome(url, exc.status, exc.reason, exc.error, attempts=attempt), seen)
         except _Transient as exc:
-            last = Outcome(url, "failed", exc.reason, exc.error, attempts=attempt, transient=True)
+            last = _stamped(Outcome(url, "failed", exc.reason, exc.error, attempts=attempt, transient=True), seen)
         except (TimeoutError, socket.timeout) as exc:
-            last = Outcome(url, "failed", "timeout", f"{type(exc).__name__}: {exc or 'timed out'}", attempts=attempt,
-                           transient=True)
+            last = _stamped(Outcome(url, "failed", "timeout", f"{type(exc).__name__}: {exc or 'timed out'}",
+                                    attempts=attempt, transient=True), seen)
         except (ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected) as exc:
-            last = Outcome(url, "failed", "connection_error", f"{type(exc).__name__}: {exc}", attempts=attempt,
-                           transient=True)
+            last = _stamped(Outcome(url, "failed", "connection_error", f"{type(exc).__name__}: {exc}",
+                                    attempts=attempt, transient=True), seen)
         except ssl.SSLError as exc:
-            return Outcome(url, "failed", "tls_error", f"{type(exc).__name__}: {exc}", attempts=attempt)
+            return _stamped(Outcome(url, "failed", "tls_error", f"{type(exc).__name__}: {exc}", attempts=attempt), seen)
         except (http.client.HTTPException, OSError, ValueError) as exc:
-            return Outcome(url, "failed", "fetch_error", f"{type(exc).__name__}: {exc}", attempts=attempt)
+            return _stamped(Outcome(url, "failed", "fetch_error", f"{type(exc).__name__}: {exc}", attempts=attempt), seen)
         if attempt <= policy.retries:
             wait = min(policy.backoff_max, policy.backoff * 2 ** (attempt - 1))
             sleep(wait * random.uniform(0.5, 1.0))

@@ -30,19 +30,28 @@ def valid_url(url) -> bool:
 
 
 def _classify(status: str, message: str | None) -> dict:
-    """img2dataset's (status, error_message) -> ledger fields (+ transient flag)."""
+    """img2dataset's (status, error_message) -> ledger fields (+ transient flag). Our
+    fetch keeps an image only from an HTTP 200; img2dataset's listing has no fetch
+    time for it, so a kept row's fetched_at is null. A failure carries what our fetch
+    encoded in the message."""
     if status == "success":
-        return {"status": "kept", "reason": None, "error": None, "transient": False}
+        return {"status": "kept", "reason": None, "error": None, "transient": False, "http_status": 200,
+                "fetched_at": None}
     ours = decode_error(message)
     if ours:
-        return {"status": ours["status"], "reason": ours["reason"], "error": ours["error"], "transient": ours["transient"]}
+        return {"status": ours["status"], "reason": ours["reason"], "error": ours["error"], "transient": ours["transient"],
+                "http_status": ours.get("http_status"), "fetched_at": ours.get("fetched_at")}
     return {"status": "failed", "reason": "download_error" if status == "failed_to_download" else "decode_error",
-            "error": message or status, "transient": status == "failed_to_download"}
+            "error": message or status, "transient": status == "failed_to_download", "http_status": None,
+            "fetched_at": None}
 
 
 def read_img2dataset_shard(pq_path: Path) -> pd.DataFrame:
     df = pd.read_parquet(pq_path, columns=["uid", "key", "status", "error_message"])
-    fields = pd.DataFrame([_classify(s, m) for s, m in zip(df["status"], df["error_message"])], index=df.index)
+    fields = pd.DataFrame([_classify(s, m) for s, m in zip(df["status"], df["error_message"])], index=df.index,
+                          columns=["status", "reason", "error", "transient", "http_status", "fetched_at"])
+    fields["http_status"] = fields["http_status"].astype("Int32")
+    fields["fetched_at"] = pd.to_datetime(fields["fetched_at"], utc=True, format="ISO8601")
     return pd.concat([df[["uid"]].assign(raw_key=df["key"]), fields], axis=1)
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..fsutil import atomic_write_parquet, atomic_write_text
@@ -61,6 +62,15 @@ def _too_large(error: str) -> dict:
     return {"status": "dropped", "reason": "document_too_large", "error": error, "transient": False}
 
 
+def fetch_stamp(outcomes: list) -> dict:
+    """A document's fetch time and HTTP status for the ledger: when its first image was
+    fetched; the first image that did not arrive's status (None: no response), else 200."""
+    fetched = [o for o in outcomes if o is not None]
+    missing = [o for o in fetched if o.status != "kept"]
+    return {"fetched_at": fetched[0].fetched_at if fetched else None,
+            "http_status": missing[0].http_status if missing else (200 if fetched else None)}
+
+
 def fetch_document(row: dict, policy: FetchPolicy, require_images: str = "all") -> dict:
     doc = json.loads(row["doc"])
     image_urls = [it["url"] for it in doc["items"] if it["type"] == "image"]
@@ -74,8 +84,9 @@ def fetch_document(row: dict, policy: FetchPolicy, require_images: str = "all") 
         outcomes.append(o)
         fetched_bytes += len(o.data) if o is not None and o.status == "kept" else 0
         if fetched_bytes > SAMPLE_CAPS.max_sample_bytes:
-            return _too_large(f"its images are over {SAMPLE_CAPS.max_sample_bytes} bytes after {len(outcomes)} "
-                              f"of {len(image_urls)}")
+            return {**_too_large(f"its images are over {SAMPLE_CAPS.max_sample_bytes} bytes after {len(outcomes)} "
+                                 f"of {len(image_urls)}"), **fetch_stamp(outcomes)}
+    stamp = fetch_stamp(outcomes)
     arrived = [o for o in outcomes if o is not None and o.status == "kept"]
     missing = [u for u, o in zip(image_urls, outcomes) if o is None or o.status != "kept"]
     enough = not missing if require_images == "all" else bool(arrived)
@@ -84,7 +95,7 @@ def fetch_document(row: dict, policy: FetchPolicy, require_images: str = "all") 
         errors = "; ".join(f"{u}: {o.reason if o else 'bad_url'}" for u, o in zip(image_urls, outcomes)
                            if o is None or o.status != "kept")
         return {"status": "failed" if transient else "dropped", "reason": "missing_images", "error": errors[:2000],
-                "transient": transient}
+                "transient": transient, **stamp}
     files, members = [], []  # members: per image item, in order (urls need not be hashable, or unique)
     for o in outcomes:
         if o is not None and o.status == "kept":
@@ -99,14 +110,15 @@ def fetch_document(row: dict, policy: FetchPolicy, require_images: str = "all") 
             "doc_id": doc["doc_id"], "items": items, "missing_images": missing, "meta": row.get("meta"),
             "sha256": hashlib.sha256(b"".join(hashlib.sha256(d).digest() for _, d in files)).hexdigest()}
     res = {"status": "kept", "reason": None, "error": None, "transient": False, "files": files,
-           "text": row.get("caption") or "", "meta": meta}
+           "text": row.get("caption") or "", "meta": meta, **stamp}
     sizes = {ext: len(data) for ext, data in sample_members(res)}
     if sizes["json"] > SAMPLE_CAPS.max_json_bytes:
-        return _too_large(f"its json is {sizes['json']} bytes (at most {SAMPLE_CAPS.max_json_bytes})")
+        return {**_too_large(f"its json is {sizes['json']} bytes (at most {SAMPLE_CAPS.max_json_bytes})"), **stamp}
     if sizes["txt"] > SAMPLE_CAPS.max_text_bytes:
-        return _too_large(f"its text is {sizes['txt']} bytes (at most {SAMPLE_CAPS.max_text_bytes})")
+        return {**_too_large(f"its text is {sizes['txt']} bytes (at most {SAMPLE_CAPS.max_text_bytes})"), **stamp}
     if sum(sizes.values()) > SAMPLE_CAPS.max_sample_bytes:
-        return _too_large(f"the sample is {sum(sizes.values())} bytes (at most {SAMPLE_CAPS.max_sample_bytes})")
+        return {**_too_large(f"the sample is {sum(sizes.values())} bytes (at most {SAMPLE_CAPS.max_sample_bytes})"),
+                **stamp}
     return res
 
 
@@ -135,23 +147,30 @@ def probe_video(data: bytes) -> dict:
 
 def fetch_video(row: dict, policy: FetchPolicy) -> dict:
     o = fetch(row["url"], "video", policy)
+    stamp = {"fetched_at": o.fetched_at, "http_status": o.http_status}
     if o.status != "kept":
-        return {"status": o.status, "reason": o.reason, "error": o.error, "transient": o.transient}
+        return {"status": o.status, "reason": o.reason, "error": o.error, "transient": o.transient, **stamp}
     try:
         probe = probe_video(o.data)
     except Exception as exc:  # PyAV raises many types for bad media
-        return {"status": "failed", "reason": "probe_error", "error": f"{type(exc).__name__}: {exc}", "transient": False}
+        return {"status": "failed", "reason": "probe_error", "error": f"{type(exc).__name__}: {exc}", "transient": False,
+                **stamp}
     ext = "webm" if o.data[:4] == b"\x1a\x45\xdf\xa3" else "mp4"
     meta = {"uid": row["uid"], "kind": "video", "source": row["source"], "url": row["url"],
             "caption": row.get("caption"), "probe": probe, "sha256": hashlib.sha256(o.data).hexdigest(),
             "meta": row.get("meta")}
     return {"status": "kept", "reason": None, "error": None, "transient": False, "files": [(ext, o.data)],
-            "text": row.get("caption") or "", "meta": meta}
+            "text": row.get("caption") or "", "meta": meta, **stamp}
 
 
 # --------------------------------------------------------------------------- rounds
+# A raw shard's listing: one row per attempted sample (fetched_at: a real time, so the
+# listing is the one crawl output that differs between two crawls of the same list).
+LISTING_COLUMNS = ["uid", "raw_key", "status", "reason", "error", "transient", "http_status", "fetched_at"]
+
+
 def read_media_shard(pq_path: Path) -> pd.DataFrame:
-    return pd.read_parquet(pq_path, columns=["uid", "raw_key", "status", "reason", "error", "transient"])
+    return pd.read_parquet(pq_path, columns=[c for c in LISTING_COLUMNS if c in pq.read_schema(pq_path).names])
 
 
 def _tar_size(files: list[tuple[str, bytes]]) -> int:
@@ -183,7 +202,8 @@ class ShardWriter:
         key = f"{self.shard_no:05d}{len(self.rows):05d}"
         kept = res["status"] == "kept"
         self.rows.append({"uid": item["uid"], "raw_key": key if kept else None,
-                          **{k: res[k] for k in ("status", "reason", "error", "transient")}})
+                          **{k: res[k] for k in ("status", "reason", "error", "transient")},
+                          "http_status": res.get("http_status"), "fetched_at": res.get("fetched_at")})
         if kept:
             for ext, data in sample_members(res):
                 self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
@@ -193,7 +213,9 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        frame = pd.DataFrame(self.rows)
+        frame = pd.DataFrame(self.rows, columns=LISTING_COLUMNS)
+        frame["http_status"] = frame["http_status"].astype("Int32")
+        frame["fetched_at"] = pd.to_datetime(frame["fetched_at"], utc=True).astype("datetime64[us, UTC]")
         stats = frame.groupby(["status", "reason"], dropna=False).size()
         atomic_write_text(self.out_dir / f"{self.name}_stats.json", json.dumps(
             {"count": len(self.rows), "successes": int((frame["status"] == "kept").sum()),

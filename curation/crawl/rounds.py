@@ -29,7 +29,8 @@ from ..errors import AccountingError, InputError
 from ..fsutil import atomic_write_parquet, atomic_write_text
 from . import ledger_name
 
-RESULT_COLUMNS = ["uid", "raw_key", "raw_shard", "status", "reason", "error", "transient"]
+# fetched_at/http_status: absent from shards an older crawl wrote (read as null).
+RESULT_COLUMNS = ["uid", "raw_key", "raw_shard", "status", "reason", "error", "transient", "http_status", "fetched_at"]
 
 
 def fix_input(items: pd.DataFrame, out_dir: Path, kind: str) -> None:
@@ -59,7 +60,7 @@ def round_results(out_dir: Path, kind: str, round_dir: Path, read_shard: Callabl
     for pq_path in sorted(glob.glob(str(out_dir / f"{shard_prefix(kind, round_dir)}-*.parquet"))):
         df = read_shard(Path(pq_path))
         df["raw_shard"] = Path(pq_path).with_suffix(".tar").name
-        frames.append(df[RESULT_COLUMNS])
+        frames.append(df.reindex(columns=RESULT_COLUMNS))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
 
 

@@ -12,7 +12,7 @@ the image. Rows without OCR text use `prompt_without_ocr` (default: the prompt w
 
 Video rows are captioned per scene: the frame in the middle of each scene that the
 `video_frames` operator found (the clip's middle frame when it did not run) is decoded
-again from the mp4 and captioned. `scene_captions` holds JSON
+again from the mp4 and captioned. `scene_captions` holds
 [{start, end, time, caption}], and `caption` the caption of the longest scene.
 
 Outputs: `caption`, `caption_model` (the model as given + the hub revision or a sha256
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -115,10 +114,11 @@ class Captioner:
         return [" ".join(t.split()) for t in texts]
 
 
-def _scene_frames(data: bytes, scenes_json) -> tuple[list[list[float]], list[float], list[Image.Image]]:
+def _scene_frames(data: bytes, scenes_col) -> tuple[list[list[float]], list[float], list[Image.Image]]:
     """The middle frame of each scene (of the whole clip if scenes were not computed)."""
     def work(video):
-        scenes = json.loads(scenes_json) if isinstance(scenes_json, str) else [[0.0, round(video.end, 3)]]
+        scenes = ([[s["start"], s["end"]] for s in scenes_col] if isinstance(scenes_col, list)
+                  else [[0.0, round(video.end, 3)]])
         picked = [min(range(len(video.times)), key=lambda i: abs(video.times[i] - (a + b) / 2)) for a, b in scenes]
         frames = [Image.fromarray(f) for f in video.frames(picked)]
         return scenes, [round(float(video.times[i]), 3) for i in picked], frames
@@ -227,8 +227,8 @@ class Caption(MapOp):
                 spans, times = scenes[idx]
                 longest = max(range(len(spans)), key=lambda i: spans[i][1] - spans[i][0])
                 captions.append(found[longest])
-                scene_captions.append(json.dumps([{"start": a, "end": b, "time": t, "caption": c}
-                                                  for (a, b), t, c in zip(spans, times, found)]))
+                scene_captions.append([{"start": a, "end": b, "time": t, "caption": c}
+                                       for (a, b), t, c in zip(spans, times, found)])
             else:
                 captions.append(found[0])
                 scene_captions.append(None)

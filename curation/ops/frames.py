@@ -12,8 +12,8 @@ in short clips). Histograms ignore motion inside a shot, which is why they are u
 instead of a pixel difference.
 
 decord decodes by default; PyAV (its own FFmpeg) is the fallback, per clip, when
-decord is missing or fails on a file. Writes `frame_times` (JSON seconds),
-`scenes` (JSON [[start, end], ...] seconds) and `frames_backend`.
+decord is missing or fails on a file. Writes `frame_times` (seconds, a list),
+`scenes` ([{start, end}, ...] seconds) and `frames_backend`.
 
 Pixels are not carried to later operators (they would travel through the object
 store between actor pools); a later operator that needs frames (caption) decodes the
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 
 import numpy as np
 import pandas as pd
@@ -178,8 +177,8 @@ class VideoFrames(MapOp):
         for idx, row in live.iterrows():
             try:
                 times, scenes, backend = with_fallback(video_bytes_of(row), self.params.backend, self._analyse)
-                times_col.append(json.dumps(times))
-                scenes_col.append(json.dumps(scenes))
+                times_col.append(times)
+                scenes_col.append([{"start": a, "end": b} for a, b in scenes])
                 backend_col.append(backend)
             except Exception as exc:  # corrupt or unreadable clip: this row fails, the batch goes on
                 self.fail(live, [idx], "video_decode_error", describe_error(exc))

@@ -4,13 +4,12 @@ Backends behind one interface: rapidocr (default; the PP-OCR det/rec ONNX models
 inside its wheel, so it runs offline) and paddleocr (optional: `pip install paddleocr`).
 The detector runs first; recognition only runs on the boxes it finds, so images without
 text cost a detection pass only. Writes `ocr_text` (lines in reading order, joined by
-newlines), `ocr_boxes` (JSON [{box, text, score}]) and `ocr_model`.
+newlines), `ocr_boxes` ([{box, text, score}]: box is the four [x, y] corners) and `ocr_model`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pandas as pd
@@ -92,6 +91,6 @@ class Ocr(MapOp):
         for img in images_of(live):
             found = [r for r in self.backend.read(np.asarray(img)[:, :, ::-1]) if r[2] >= self.params.min_confidence]
             texts.append("\n".join(t for t, _, _ in found))
-            boxes.append(json.dumps([{"box": b, "text": t, "score": round(s, 4)} for t, b, s in found]))
+            boxes.append([{"box": b, "text": t, "score": round(s, 4)} for t, b, s in found])
         live["ocr_text"], live["ocr_boxes"], live["ocr_model"] = texts, boxes, self.backend.model
         return live

@@ -27,7 +27,6 @@ bytes (no timestamps), and it is written atomically after the manifest.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -60,13 +59,29 @@ def member_feature(name: str) -> dict:
 
 
 def value_dtype(arrow_type: pa.DataType) -> str:
-    """A sidecar column's arrow type as a datasets Value dtype. The sidecar contract
-    holds strings, int64, float64 and bool only; anything nested is refused here,
-    where it shows, rather than in a user's load_dataset."""
-    if pa.types.is_nested(arrow_type) or pa.types.is_dictionary(arrow_type):
+    """A scalar sidecar column's arrow type as a datasets Value dtype (strings, int64,
+    float64, bool); anything else is refused here, where it shows, rather than in a
+    user's load_dataset."""
+    if pa.types.is_nested(arrow_type) or pa.types.is_dictionary(arrow_type) or isinstance(arrow_type, pa.ExtensionType):
         raise ValueError(f"sidecar column type {arrow_type} has no flat datasets Value dtype")
     name = str(arrow_type)
     return _VALUE_DTYPES.get(name, name)
+
+
+def column_feature(arrow_type: pa.DataType) -> dict:
+    """A sidecar column's type as a datasets feature in the card's YAML: lists as `list`,
+    structs as `struct`, maps (op_versions) and JSON text (source_meta) as `json` (the
+    tar's json holds an object there; datasets hands back the decoded value)."""
+    if isinstance(arrow_type, pa.JsonType) or pa.types.is_map(arrow_type):
+        return {"dtype": "json"}
+    if pa.types.is_list(arrow_type):
+        inner = column_feature(arrow_type.value_type)  # datasets writes a list's item feature bare
+        if "struct" in inner:
+            return {"list": inner["struct"]}
+        return {"list": inner["dtype"] if inner.get("dtype", "json") != "json" else inner}
+    if pa.types.is_struct(arrow_type):
+        return {"struct": [{"name": f.name, **column_feature(f.type)} for f in arrow_type]}
+    return {"dtype": value_dtype(arrow_type)}
 
 
 def _member_order(name: str) -> tuple:
@@ -90,7 +105,7 @@ def tier_contents(tier_dir: Path, manifest: dict) -> tuple[Counter, list[str], p
         table = pq.read_table(path, columns=["kind", "media"])
         kinds.update(table.column("kind").to_pylist())
         for media in table.column("media").to_pylist():
-            members.update(json.loads(media) if media else [])
+            members.update(media or [])
     for kind, exts in SINGLE_MEMBER_EXTS.items():
         if kinds.get(kind):
             members.update(exts)
@@ -101,7 +116,7 @@ def tier_contents(tier_dir: Path, manifest: dict) -> tuple[Counter, list[str], p
 def card_features(members: list[str], sidecar_schema: pa.Schema) -> list[dict]:
     """dataset_info.features in the order the webdataset builder yields a sample's fields
     (media, txt, json as the tar holds them; then __key__, __url__)."""
-    json_struct = [{"name": f.name, "dtype": value_dtype(f.type)} for f in sidecar_schema]
+    json_struct = [{"name": f.name, **column_feature(f.type)} for f in sidecar_schema]
     return ([{"name": m, **member_feature(m)} for m in members]
             + [{"name": "txt", "dtype": "string"}, {"name": "json", "struct": json_struct},
                {"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}])
@@ -138,7 +153,6 @@ def card_text(tier_dir: Path, manifest: dict) -> str:
         "## Loading",
         "",
         "```python",
-        "import json",
         "from datasets import load_dataset",
         "",
         f'ds = load_dataset("path/to/tiers/{tier}", split="train")',
@@ -147,7 +161,7 @@ def card_text(tier_dir: Path, manifest: dict) -> str:
         "```",
         "",
         "Or with `webdataset`: `wds.WebDataset(sorted(glob.glob(\"*.tar\")))`. A sample's media "
-        "members are listed, in order, by `json[\"media\"]` (a JSON array of member names).",
+        "members are listed, in order, by `json[\"media\"]` (a list of member names).",
         "",
         "## Columns",
         "",
@@ -175,8 +189,8 @@ def _usage(kinds: Counter) -> list[str]:
     if kinds.get("image_text"):
         out.append('image = next(row[ext] for ext in ("jpg", "png", "webp") if row[ext] is not None)  # PIL image')
     if kinds.get("interleaved"):
-        out.append('images = [row[m] for m in json.loads(row["json"]["media"])]  # a document\'s images, in order')
-        out.append('items = json.loads(row["json"]["doc"])["items"]  # text and image items; image items name their member')
+        out.append('images = [row[m] for m in row["json"]["media"]]  # a document\'s images, in order')
+        out.append('items = row["json"]["doc"]["items"]  # text and image items; image items name their member')
     if kinds.get("video"):
         out.append('clip = next(row[ext] for ext in ("mp4", "webm") if row[ext] is not None)  # {"bytes", "path"}')
         out.append('# ds.cast_column("mp4", datasets.Video()) decodes frames where torchcodec is installed')

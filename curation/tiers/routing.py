@@ -9,15 +9,34 @@ from __future__ import annotations
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 
 from .. import schemas
 from ..config import TierRule
 from ..errors import ConfigError
 
 
-def _connect(frame: pd.DataFrame) -> duckdb.DuckDBPyConnection:
+def _table(frame: pd.DataFrame, declared: schemas.Declared = ()) -> pa.Table:
+    """The rows as Arrow with the sidecar contract's types (lists, structs, maps, JSON),
+    so a predicate sees the columns exactly as a query of the written sidecars does."""
+    contract = schemas.arrow_schema("sidecar", declared)
+    arrays, fields = [], []
+    for col in frame.columns:
+        values = frame[col]
+        if col in contract.names:
+            field = contract.field(col)
+            values = [schemas.py_value(v, field.type) for v in values]
+            arrays.append(pa.array(values, type=field.type))
+        else:
+            arrays.append(pa.array(values, from_pandas=True))
+            field = pa.field(col, arrays[-1].type)
+        fields.append(field)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _connect(frame: pd.DataFrame | pa.Table, declared: schemas.Declared = ()) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
-    con.register("samples", frame)
+    con.register("samples", frame if isinstance(frame, pa.Table) else _table(frame, declared))
     con.execute("SET enable_external_access = false")
     return con
 
@@ -27,20 +46,12 @@ def _case_sql(rules: tuple[TierRule, ...]) -> str:
     return f"SELECT uid, CASE {whens} ELSE NULL END AS tier FROM samples"
 
 
-_DTYPES = {"integer": "Int64", "number": "float64"}
-
-
 def check_rules(rules: tuple[TierRule, ...], columns: set[str], declared: schemas.Declared = ()) -> None:
     """Fail fast, before any work, on a rule DuckDB cannot bind (typo, bad SQL, or a
     column that no configured operator produces); `declared`: the run's own columns."""
-    props = schemas.load("sidecar", declared)["properties"]
-
-    def dtype(name: str) -> str:
-        types = props.get(name, {}).get("type", "string")
-        types = types if isinstance(types, list) else [types]
-        return next((_DTYPES[t] for t in types if t in _DTYPES), "object")
-
-    con = _connect(pd.DataFrame({name: pd.Series(dtype=dtype(name)) for name in sorted(columns)}))
+    contract = schemas.arrow_schema("sidecar", declared)
+    con = _connect(pa.schema([contract.field(c) if c in contract.names else pa.field(c, pa.string())
+                              for c in sorted(columns)]).empty_table())
     for rule in rules:
         try:
             con.execute(f"SELECT count(*) FROM samples WHERE ({rule.where})").fetchall()
@@ -48,11 +59,11 @@ def check_rules(rules: tuple[TierRule, ...], columns: set[str], declared: schema
             raise ConfigError(f"tier '{rule.name}': bad 'where' predicate {rule.where!r}: {str(exc).splitlines()[0]}") from None
 
 
-def _route(frame: pd.DataFrame, rules: tuple[TierRule, ...]) -> list:
+def _route(frame: pa.Table, rules: tuple[TierRule, ...]) -> list:
     return _connect(frame).execute(_case_sql(rules).replace("SELECT uid, ", "SELECT ")).fetchnumpy()["tier"].tolist()
 
 
-def route_rows(live: pd.DataFrame, rules: tuple[TierRule, ...]) -> tuple[pd.Series, pd.Series]:
+def route_rows(live: pd.DataFrame, rules: tuple[TierRule, ...], declared: schemas.Declared = ()) -> tuple[pd.Series, pd.Series]:
     """(tier or None, routing error or None) per row of `live`, indexed like `live`.
     A predicate that fails on some rows (a cast of a bad value, say) fails those rows
     only; failing on every row of a batch with one error is a recipe bug and stops the
@@ -65,7 +76,7 @@ def route_rows(live: pd.DataFrame, rules: tuple[TierRule, ...]) -> tuple[pd.Seri
     errors = pd.Series([None] * len(live), index=live.index, dtype=object)
     if live.empty:
         return tiers, errors
-    frame = live.drop(columns=[c for c in live.columns if c.startswith("_") or c == "image_bytes"]).reset_index(drop=True)
+    frame = _table(live.drop(columns=[c for c in live.columns if c.startswith("_") or c == "image_bytes"]), declared)
     try:
         tiers[:] = _route(frame, rules)
         return tiers, errors
@@ -73,7 +84,7 @@ def route_rows(live: pd.DataFrame, rules: tuple[TierRule, ...]) -> tuple[pd.Seri
         pass
     for pos, idx in enumerate(live.index):
         try:
-            tiers[idx] = _route(frame.iloc[[pos]], rules)[0]
+            tiers[idx] = _route(frame.slice(pos, 1), rules)[0]
         except duckdb.Error as exc:
             errors[idx] = f"tier predicate failed: {describe_error(exc).splitlines()[0]}"[:300]
     kinds = errors.dropna().map(lambda e: e.split(":", 2)[1].strip())  # the DuckDB error class, not the quoted value

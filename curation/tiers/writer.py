@@ -33,6 +33,8 @@ def tier_media(row: dict, files: dict[str, bytes]) -> list[tuple[str, bytes]]:
 
 
 def sample_json(row: dict) -> bytes:
+    """The tar's json member: the sidecar row, lists and structs as JSON arrays and
+    objects (source_meta stays its JSON text, as the sidecar holds it)."""
     return json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()
 
 
@@ -42,7 +44,8 @@ def write_shard(tar_path: str | Path, rows: list[dict], media: list[list[tuple[s
     (optionally) its embedding; `declared`: the run's own sidecar columns. Returns the manifest entry. Writes to temporary names,
     then renames tar, embeddings, then sidecar: a shard is done once its sidecar exists."""
     tar_path = Path(tar_path)
-    sidecar_rows = [{c: r.get(c) for c in schemas.columns("sidecar", declared)} for r in rows]
+    columns = schemas.columns("sidecar", declared)
+    sidecar_rows = schemas.plain_rows("sidecar", [{c: r.get(c) for c in columns} for r in rows], declared)
     table = schemas.to_table("sidecar", sidecar_rows, declared)
     samples = []
     for sc, members in zip(sidecar_rows, media):

@@ -130,13 +130,10 @@ def qa_pairs(source_meta: str | None) -> list[tuple[str, str]]:
             if isinstance(p, dict) and isinstance(p.get("q"), str) and isinstance(p.get("a"), str) and p["q"] and p["a"]]
 
 
-def document_sequence(doc: str | None, media: list[str]) -> list[Part] | None:
+def document_sequence(doc: dict | None, media: list[str]) -> list[Part] | None:
     """A document's text and images in its own order, or None where its items do not
     account for each of `media` exactly once (then it is not placed inside text)."""
-    try:
-        items = json.loads(doc).get("items") if isinstance(doc, str) else None
-    except (ValueError, RecursionError, AttributeError):
-        return None
+    items = doc.get("items") if isinstance(doc, dict) else None
     if not isinstance(items, list):
         return None
     sequence, placed = [], set()
@@ -176,7 +173,7 @@ def document_turns(sequence: list[Part]) -> list[Turn] | None:
     return turns
 
 
-def conversation(kind: str, text: str | None, source_meta: str | None, doc: str | None, media: list[str],
+def conversation(kind: str, text: str | None, source_meta: str | None, doc: dict | None, media: list[str],
                  interleave: bool = True) -> list[Turn]:
     """The sample as alternating user/assistant turns (rules in the module docstring).
     `interleave=False` for formats that can only put media before the first question."""
@@ -219,8 +216,8 @@ class Sample:
     kind: str
     media: tuple[Media, ...]
     text: str | None
-    source_meta: str | None
-    doc: str | None
+    source_meta: str | None  # JSON text
+    doc: dict | None
     media_names: tuple[str, ...]
 
     def turns(self, interleave: bool = True) -> list[Turn]:
@@ -236,10 +233,7 @@ def build_sample(tier: str, shard: str, key: str, files: dict[str, bytes], row: 
     kind = row.get("kind")
     if kind not in DESCRIBE:
         raise UnsafeSample(f"unknown kind {shown(kind)}")
-    try:
-        names = json.loads(row.get("media") or "[]")
-    except ValueError:
-        raise UnsafeSample("media is not JSON") from None
+    names = row.get("media")
     if not isinstance(names, list) or not names:
         raise UnsafeSample("no media listed")
     if kind != "interleaved" and len(names) != 1:
@@ -263,7 +257,7 @@ def build_sample(tier: str, shard: str, key: str, files: dict[str, bytes], row: 
     return Sample(uid=uid if isinstance(uid, str) else key, tier=tier, shard=shard, key=key, kind=kind, media=media,
                   text=row.get("text") if isinstance(row.get("text"), str) else None,
                   source_meta=row.get("source_meta") if isinstance(row.get("source_meta"), str) else None,
-                  doc=row.get("doc") if isinstance(row.get("doc"), str) else None, media_names=tuple(names))
+                  doc=row.get("doc") if isinstance(row.get("doc"), dict) else None, media_names=tuple(names))
 
 
 def _image_file(key: str, name: str) -> str:
