@@ -55,6 +55,7 @@ CHUNK = 8 << 20          # bytes per write: one multipart part (S3's minimum par
 WORKERS = 4              # files uploaded at once
 RECORD = "_work/published.json"
 RUN_INFO = "_work/run.json"
+PROBE = "_work/.write-probe"  # put and deleted before a run: can we write here at all?
 SUCCESS = "_SUCCESS"
 RECORD_SECONDS = 30.0
 LOCAL_HASHES = "_work/publish_hashes.json"  # (size, mtime_ns, sha256) per file, in the stage folder
@@ -141,8 +142,9 @@ def refuse_url(root) -> None:
             hint = f" (for --out {normalize(os.fspath(root))} without --stage-dir: {stage_folder(os.fspath(root))})"
         except InputError:
             pass
-    raise InputError(f"--root {root}: query, plan, verify, report and export read a run's local folder, not the object "
-                     f"store; give the stage folder `curate run --out {scheme}://...` ran in{hint}")
+    raise InputError(f"--root {root}: curate's readers (query, plan, verify, report, export, browse) read a run's "
+                     f"local folder, not the object store; give the stage folder `curate run --out {scheme}://...` "
+                     f"ran in{hint}")
 
 
 # ------------------------------------------------------------------------- what is published
@@ -283,9 +285,20 @@ def _identity(doc: dict) -> tuple:
 
 
 def check_destination(url: str, run_info: Path) -> None:
-    """Before the job runs: the prefix must be reachable, and must not hold a finished
-    run of another recipe or input (as a finished local --out is never overwritten)."""
+    """Before the job runs: the bucket must exist and take a write (an object put and
+    deleted again), and the prefix must not hold a finished run of another recipe or
+    input (as a finished local --out is never overwritten)."""
+    from pyarrow import fs
+
     store = _Store(url)
+    try:
+        bucket = store.fs.get_file_info(store.bucket)
+    except OSError as exc:
+        raise store._error("reach", "", exc) from None
+    if bucket.type == fs.FileType.NotFound:
+        raise InputError(f"--out {url}: bucket {store.bucket} does not exist (or is not visible with these credentials)")
+    store.write_bytes(PROBE, b"")
+    store.delete(PROBE)
     listed = store.listing()
     if SUCCESS not in listed:
         return

@@ -212,6 +212,8 @@ def test_a_finished_run_of_another_recipe_is_refused(tmp_path, s3):
     with pytest.raises(InputError, match="other raw shards"):
         publish.check_destination(URL, other)
     publish.check_destination("s3://bkt/runs/two", other)  # an empty prefix
+    with pytest.raises(InputError, match="bucket nobucket does not exist"):  # before any work, not after
+        publish.check_destination("s3://nobucket/x", other)
 
 
 def test_destinations_and_refusals(tmp_path, monkeypatch):
