@@ -1,6 +1,7 @@
 """An output folder belongs to one recipe. (SIGKILL at seeded points of every stage,
 compared byte for byte with an uninterrupted run: tests/test_chaos.py.)"""
 
+import json
 import os
 import signal
 import subprocess
@@ -51,3 +52,10 @@ def test_changed_pipeline_on_an_unfinished_output_starts_over(tmp_path):
     assert "starting over" in proc.stderr and (out / "_SUCCESS").exists()
     proc = curate("run", pipeline, "--input", raw, "--out", out, check=False)
     assert proc.returncode == 2 and "finished run of another pipeline config" in proc.stderr
+    # A folder written in another data format (JSON text columns) is refused, never resumed into a mixed ledger.
+    info = json.loads((out / "_work" / "run.json").read_text())
+    del info["data_format"]
+    (out / "_work" / "run.json").write_text(json.dumps(info))
+    proc = curate("run", other, "--input", raw, "--out", out, check=False)
+    assert proc.returncode == 2 and "another version of curation (data format 1" in proc.stderr
+    assert "Traceback" not in proc.stderr

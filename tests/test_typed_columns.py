@@ -183,3 +183,11 @@ def test_crawl_ledger_has_fetched_at_and_http_status(tmp_path):
     con = duckdb.connect()
     assert con.execute(f"SELECT count(*) FROM read_parquet('{tmp_path / 'raw' / 'crawl_ledger-interleaved.parquet'}') "
                        "WHERE http_status = 404").fetchall() == [(1,)]
+
+
+def test_verify_names_a_sidecar_column_of_another_type(sidecar):
+    from curation.tiers.verify import sidecar_type_problems
+
+    assert sidecar_type_problems(pq.read_schema(sidecar)) == []
+    old = pa.schema([("uid", pa.string()), ("media", pa.string()), ("my_score", pa.float64())])  # JSON text, as before
+    assert sidecar_type_problems(old) == ["sidecar column media is string, the contract says list<item: string>"]
