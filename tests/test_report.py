@@ -222,3 +222,13 @@ def test_the_bill_is_curate_plans_and_the_clip_line_is_the_threshold(demo_out):
     low, kept = con.sql("SELECT max(clip_score) FILTER (reason = 'clip_score_low'), "
                         "min(clip_score) FILTER (status = 'kept') FROM ledger").fetchall()[0]
     assert "calibrated" in label and low < line <= kept
+
+
+def test_labels_from_data_are_never_mathtext():
+    """A tier, reason or language holding `$` is drawn as text (mathtext would raise)."""
+    h = sql.Histogram(np.array([0.0, 1.0, 2.0]), {"$\\frac{$": np.array([1, 2]), "a$b$^": np.array([0, 1])})
+    assert report._hist_plot("x", h, "t", "x").startswith("<img class='plot'")
+    rows = [{"step": "inputs", "status": "inputs", "reason": "", "samples": 3, "remaining": 3},
+            {"step": "$op", "status": "dropped", "reason": "$\\sqrt{$", "samples": 1, "remaining": 2},
+            {"step": "kept", "status": "kept", "reason": "", "samples": 2, "remaining": 2}]
+    assert "data-plot='funnel'" in report._funnel_section(rows)

@@ -54,6 +54,11 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _t(label) -> str:
+    """A label from data (tier, reason, language, ...) as plain text: a `$` would start mathtext."""
+    return str(label).replace("$", r"\$")
+
+
 def _img(name: str, b64png: str, alt: str) -> str:
     return (f"<img class='plot' data-plot='{html.escape(name)}' alt='{html.escape(alt)}' "
             f"src='data:image/png;base64,{b64png}'>")
@@ -140,7 +145,7 @@ def funnel(con, recipe: Recipe) -> list[dict]:
 
 
 def _funnel_section(rows: list[dict]) -> str:
-    labels = [r["step"] if r["step"] in ("inputs", "kept") else f"{r['step']}: {r['reason']}" for r in rows]
+    labels = [_t(r["step"] if r["step"] in ("inputs", "kept") else f"{r['step']}: {r['reason']}") for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.2))
     y = list(range(len(rows)))[::-1]
     ax.barh(y, [max(r["samples"], 0.8) for r in rows], color=[STATUS_COLOURS[r["status"]] for r in rows])
@@ -165,14 +170,14 @@ def _tiers_section(con, bill: dict | None) -> str:
     sizes = con.sql("SELECT tier, sum(samples)::BIGINT, sum(bytes) / 1e6, count(*) FROM shards GROUP BY tier ORDER BY tier").fetchall()
     if not sizes:
         return "<p>No tier holds a sample.</p>"
-    tiers = [r[0] for r in sizes]
+    tiers = [_t(r[0]) for r in sizes]
     kinds = sorted({k for _, k, _ in by_kind})
     panels = 3 if bill and bill["stages"] else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2))
     bottom = [0] * len(tiers)
     for kind in kinds:
-        vals = [next((n for t, k, n in by_kind if t == tier and k == kind), 0) for tier in tiers]
-        axes[0].bar(tiers, vals, bottom=bottom, label=kind)
+        vals = [next((n for t, k, n in by_kind if t == tier and k == kind), 0) for tier, *_ in sizes]
+        axes[0].bar(tiers, vals, bottom=bottom, label=_t(kind))
         bottom = [b + v for b, v in zip(bottom, vals)]
     axes[0].set_title("samples per tier, by kind")
     axes[0].legend(fontsize=7)
@@ -182,7 +187,7 @@ def _tiers_section(con, bill: dict | None) -> str:
         ax.tick_params(axis="x", rotation=25, labelsize=7)
     if panels == 3:
         ax = axes[2]
-        names = [s["name"] for s in bill["stages"]]
+        names = [_t(s["name"]) for s in bill["stages"]]
         all_tiers = sorted({m["tier"] for s in bill["stages"] for m in s["mix"]})
         left = [0.0] * len(names)
         for tier in all_tiers:
@@ -190,7 +195,7 @@ def _tiers_section(con, bill: dict | None) -> str:
             for s in bill["stages"]:
                 n = sum(m["samples"] for m in s["mix"] if m["tier"] == tier)
                 share.append(n / max(s["totals"]["samples"], 1))
-            ax.barh(names, share, left=left, label=tier)
+            ax.barh(names, share, left=left, label=_t(tier))
             left = [a + b for a, b in zip(left, share)]
         ax.set_xlim(0, 1)
         ax.set_title("stage mixture (share of samples)")
@@ -252,7 +257,7 @@ def tier_token_totals(con) -> dict[str, dict[str, int]]:
         t["text_tokens"] += int(text_tok or 0)
     if "source_meta" in cols:  # question/answer pairs: parsed only where the metadata has some
         meta = sql.json_text("source_meta", cols["source_meta"])
-        reader = con.sql(f"SELECT tier, {meta} AS m FROM samples WHERE {meta} LIKE '%\"qa\"%'").fetch_record_batch(65536)
+        reader = con.sql(f"SELECT tier, {meta} AS m FROM samples WHERE {meta} LIKE '%\"qa\"%'").to_arrow_reader(65536)
         for batch in reader:
             for tier, m in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                 totals[tier]["text_tokens"] += sample_text_tokens(None, m)
@@ -269,7 +274,7 @@ def _bill_section(bill: dict) -> str:
         t = st["totals"]
         rows.append([st["name"], "= total", "", t["samples"], t["images"], t["frames"], t["visual_tokens"], t["text_tokens"]])
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(bill["stages"]) + 1.2))
-    names = [s["name"] for s in bill["stages"]]
+    names = [_t(s["name"]) for s in bill["stages"]]
     vis = [s["totals"]["visual_tokens"] for s in bill["stages"]]
     txt = [s["totals"]["text_tokens"] for s in bill["stages"]]
     ax.barh(names, vis, label="visual tokens", color="#1565c0")
@@ -294,7 +299,7 @@ def _hist_plot(name: str, h: sql.Histogram, title: str, xlabel: str, lines: list
     bottom = None
     for group, counts in h.counts.items():
         ax.bar(h.edges[:-1], counts, width=widths, align="edge", alpha=0.85, bottom=bottom,
-               label=f"{group} ({int(counts.sum()):,})" if group else None)
+               label=_t(f"{group} ({int(counts.sum()):,})") if group else None)
         bottom = counts if bottom is None else bottom + counts
     for x, label in lines:
         ax.axvline(x, color="#b71c1c", ls="--", lw=1.2, label=label)
@@ -372,7 +377,7 @@ def distributions(con, recipe: Recipe) -> list[str]:
         words = "len(regexp_split_to_array(trim(text), '\\s+'))"
         h = sql.histogram(con, "samples", words, 40, by="kind", where="trim(coalesce(text, '')) <> ''")
         if h:
-            lines = [(float(v), f"{k} {v}") for k in ("min_words", "max_words")
+            lines = [(float(v), f"{k} {v:g}") for k in ("min_words", "max_words")
                      if (v := _number(recipe.param("caption_length", k))) is not None and v <= h.edges[-1] * 1.5]
             out.append(_hist_plot("caption_words", h, "caption length of kept samples", "words", lines))
     if "ocr_text" in have:
@@ -383,7 +388,7 @@ def distributions(con, recipe: Recipe) -> list[str]:
         top = sql.top_values(con, "samples", "language", 15, where="language IS NOT NULL")
         if top:
             fig, ax = plt.subplots(figsize=(4.6, 2.9))
-            ax.bar([v for v, _ in top], [n for _, n in top], color="#5d4037")
+            ax.bar([_t(v) for v, _ in top], [n for _, n in top], color="#5d4037")
             ax.set(title="language of kept samples", ylabel="samples")
             ax.tick_params(axis="x", rotation=45, labelsize=7)
             out.append(_img("language", _png(fig), "language"))
@@ -460,7 +465,7 @@ def _throughput_section(summary: dict) -> str:
     if not rows:
         return "<p>summary.json records no stages.</p>"
     fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
-    names = [r[0] for r in rows]
+    names = [_t(r[0]) for r in rows]
     axes[0].bar(names, [r[1] or 0 for r in rows], color="#455a64")
     axes[0].set_title("seconds per stage")
     axes[1].bar(names, [r[3] or 0 for r in rows], color="#00838f")
@@ -515,7 +520,7 @@ def _training_section(runs: list[Path]) -> str:
             continue
         state = _read_json(run / "checkpoint" / "state.json") or {}
         label = " ".join(str(state[k]) for k in ("arch", "size", "stage") if isinstance(state, dict) and k in state) or run.name
-        ax.plot(steps, losses, lw=1, label=label)
+        ax.plot(steps, losses, lw=1, label=_t(label))
         plotted += 1
     if not plotted:
         plt.close(fig)
@@ -544,12 +549,6 @@ def _section(sid: str, title: str, body: str) -> str:
 
 def write_report(root: str | Path, out: str | Path | None = None, train_runs: list[str | Path] = ()) -> Path:
     """Write the report (default: report.html in the run folder) and return its path."""
-    # Labels come from data (tiers, reasons, languages): never read as mathtext.
-    with plt.rc_context({"text.parse_math": False}):
-        return _write_report(root, out, train_runs)
-
-
-def _write_report(root, out, train_runs) -> Path:
     run_root = find_run_root(root)
     con = connect(run_root)
     annotated = run_root / "_work" / "annotated"
