@@ -36,7 +36,8 @@ from .tarindex import IMAGE_EXTS, VIDEO_EXTS, IndexCache, Member, content_type, 
 
 UID = re.compile(r"^[0-9a-f]{16}\Z")
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
-          "/static/app.css": ("app.css", "text/css; charset=utf-8")}
+          "/static/app.css": ("app.css", "text/css; charset=utf-8"),
+          "/static/favicon.svg": ("favicon.svg", "image/svg+xml")}
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; media-src 'self'; "
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 DATA_CSP = "default-src 'none'; sandbox; frame-ancestors 'none'"
@@ -327,8 +328,12 @@ class Handler(BaseHTTPRequestHandler):
         self._common(DATA_CSP)
         self.end_headers()
         if self.command != "HEAD" and entry.size:
+            sent = 0
             for chunk in read_range(path, entry, start, end):
                 self.wfile.write(chunk)
+                sent += len(chunk)
+            if sent != end - start + 1:  # the tar changed under us: the client must not wait for the rest
+                self.close_connection = True
 
 
 def _byte_range(header: str | None, size: int):
@@ -364,6 +369,11 @@ class BrowseServer(ThreadingHTTPServer):
         bound = self.server_address[1]
         self.hosts = {f"{h}:{bound}".lower() for h in (*LOOPBACK, host, f"[{host}]")}
         self.any_host = host not in LOOPBACK  # bound beyond loopback on purpose: names are the user's business
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # the browser closed a connection (a video seek, a page left): not an error
+        super().handle_error(request, client_address)
 
     def host_allowed(self, host: str) -> bool:
         return self.any_host or host.lower() in self.hosts

@@ -56,8 +56,8 @@ function card(row, media, view) {
   node.className = "card";
   const visual = media.find((m) => /^(image|video)\//.test(m.type || ""));
   node.append(visual ? mediaNode(visual, true) : el("div", { class: "nomedia" }, "no media"));
-  const caption = row.caption || row.text;
-  if (caption) node.append(el("p", { class: "caption" }, caption));
+  if (row.text) node.append(el("p", { class: "caption" }, row.text));
+  if (row.caption && row.caption !== row.text) node.append(el("p", { class: "recaption" }, "re-caption: " + row.caption));
   if (row.ocr_text) node.append(el("p", { class: "ocr" }, "OCR: " + row.ocr_text));
   const scores = [];
   for (const name of ["clip_score", "nsfw", "language_score"]) {
