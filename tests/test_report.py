@@ -201,7 +201,7 @@ def test_the_funnel_follows_the_pipeline_and_adds_up(demo_out):
     assert [s for s in dict.fromkeys(order) if s in ops] == [o for o in ops if o in order]  # pipeline order
 
 
-def test_the_bill_is_curate_plans_and_the_clip_line_is_the_threshold(demo_out):
+def test_the_bill_is_curate_plans_and_the_clip_line_is_the_threshold(demo_out, monkeypatch):
     from curation import config
     from curation.catalog import connect
     from curation.tiers.plan import make_plan
@@ -218,6 +218,16 @@ def test_the_bill_is_curate_plans_and_the_clip_line_is_the_threshold(demo_out):
             assert g["samples"] == w["samples"]
             if w["strategy"] == "all":
                 assert {k: g[k] for k in keys} == {k: w[k] for k in keys}, (got["name"], g["tier"])
+    exact_totals, sampled = report.tier_token_totals(con)
+    assert not sampled
+    monkeypatch.setattr(report, "MAX_BILL_GROUPS", 0)  # the path of a run with too many image sizes
+    monkeypatch.setattr(report, "BILL_SAMPLE", 10**6)  # ... drawing every sample: the same totals
+    assert report.tier_token_totals(con) == (exact_totals, True)
+    monkeypatch.setattr(report, "BILL_SAMPLE", 5)
+    estimated, _ = report.tier_token_totals(con)
+    for tier, t in exact_totals.items():
+        assert {k: estimated[tier][k] for k in ("samples", "text_tokens")} == {k: t[k] for k in ("samples", "text_tokens")}
+        assert t["visual_tokens"] / 3 <= estimated[tier]["visual_tokens"] <= t["visual_tokens"] * 3
     (line, label), *_ = report._clip_thresholds(recipe, con)
     low, kept = con.sql("SELECT max(clip_score) FILTER (reason = 'clip_score_low'), "
                         "min(clip_score) FILTER (status = 'kept') FROM ledger").fetchall()[0]

@@ -217,7 +217,7 @@ def token_bill(con, run_root: Path, recipe: Recipe, config_hash: str | None) -> 
         return None
     from ..tiers.plan import strategy_count
 
-    per_tier = tier_token_totals(con)
+    per_tier, sampled = tier_token_totals(con, recipe.seed)
     out = []
     for stage in stages:
         if not isinstance(stage, dict) or not isinstance(stage.get("mix"), list):
@@ -232,36 +232,68 @@ def token_bill(con, run_root: Path, recipe: Recipe, config_hash: str | None) -> 
                         **{k: round(t[k] * share) for k in ("images", "frames", "visual_tokens", "text_tokens")}})
         totals = {k: sum(m[k] for m in mix) for k in ("samples", "images", "frames", "visual_tokens", "text_tokens")}
         out.append({"name": stage.get("name"), "mix": mix, "totals": totals})
-    return {"source": "computed", "stages": out}
+    return {"source": "computed", "stages": out, "visual_sampled": sampled}
 
 
-def tier_token_totals(con) -> dict[str, dict[str, int]]:
+MAX_BILL_GROUPS = 20_000   # distinct sample shapes costed one by one; past this, a sample
+BILL_SAMPLE = 5_000        # seeded samples per (tier, kind) costed when there are more shapes
+
+
+def tier_token_totals(con, seed: int = 0) -> tuple[dict[str, dict[str, int]], bool]:
     """Per tier: samples, images, frames, visual and text tokens, with the token rules of
-    curate plan (tokens.visual_tokens, plan.sample_text_tokens)."""
+    curate plan (tokens.visual_tokens, plan.sample_text_tokens), and whether the visual
+    side was estimated. Each distinct (tier, kind, width, height, images, frames) is costed
+    once; with more than MAX_BILL_GROUPS of them (many image sizes), images, frames and
+    visual tokens per (tier, kind) are scaled up from BILL_SAMPLE seeded samples of it.
+    Samples and text tokens are always exact."""
     from ..tiers.plan import sample_text_tokens
     from ..tokens import CHARS_PER_TEXT_TOKEN, visual_tokens
 
     cols = sql.columns(con, "samples")
-    num = {c: (sql.quote(c) if c in cols else "NULL") for c in ("num_images", "num_frames")}
+    shape = "tier, kind, width, height, " + ", ".join(sql.quote(c) if c in cols else "NULL" for c in ("num_images", "num_frames"))
+    text = f"sum(ceil(length(coalesce(text, '')) / {CHARS_PER_TEXT_TOKEN!r}))::BIGINT"
+    zero = {"samples": 0, "images": 0, "frames": 0, "visual_tokens": 0, "text_tokens": 0}
     totals: dict[str, dict[str, int]] = {}
-    for tier, kind, w, h, ni, nf, n, text_tok in con.sql(f"""
-            SELECT tier, kind, width, height, {num['num_images']}, {num['num_frames']}, count(*),
-                   sum(ceil(length(coalesce(text, '')) / {CHARS_PER_TEXT_TOKEN!r}))::BIGINT
-            FROM samples GROUP BY ALL""").fetchall():
-        t = totals.setdefault(tier, {"samples": 0, "images": 0, "frames": 0, "visual_tokens": 0, "text_tokens": 0})
+    shapes = con.sql(f"SELECT count(*) FROM (SELECT DISTINCT {shape} FROM samples)").fetchall()[0][0]
+    sampled = shapes > MAX_BILL_GROUPS
+    if not sampled:
+        costed = con.sql(f"SELECT {shape}, count(*), {text} FROM samples GROUP BY ALL").fetchall()
+        scale = {}
+    else:
+        strata = con.sql(f"SELECT tier, kind, count(*), {text} FROM samples GROUP BY ALL").fetchall()
+        for tier, kind, n, text_tok in strata:
+            t = totals.setdefault(tier, dict(zero))
+            t["samples"] += n
+            t["text_tokens"] += int(text_tok or 0)
+        costed = con.execute(f"""
+            SELECT {shape}, 1, 0 FROM samples
+            QUALIFY row_number() OVER (PARTITION BY tier, kind ORDER BY hash(uid, $seed)) <= {BILL_SAMPLE}""",
+                             {"seed": seed}).fetchall()
+        drawn: dict[tuple, int] = {}
+        for tier, kind, *_ in costed:
+            drawn[(tier, kind)] = drawn.get((tier, kind), 0) + 1
+        scale = {(tier, kind): n / drawn[(tier, kind)] for tier, kind, n, _ in strata}
+    visual: dict[str, list[float]] = {}
+    for tier, kind, w, h, ni, nf, n, text_tok in costed:
         images, frames, vis = visual_tokens(kind, w or 0, h or 0, ni, nf)
-        t["samples"] += n
-        t["images"] += images * n
-        t["frames"] += frames * n
-        t["visual_tokens"] += vis * n
-        t["text_tokens"] += int(text_tok or 0)
+        weight = n * scale.get((tier, kind), 1)
+        acc = visual.setdefault(tier, [0.0, 0.0, 0.0])
+        acc[0] += images * weight
+        acc[1] += frames * weight
+        acc[2] += vis * weight
+        if not sampled:
+            t = totals.setdefault(tier, dict(zero))
+            t["samples"] += n
+            t["text_tokens"] += int(text_tok or 0)
+    for tier, (images, frames, vis) in visual.items():
+        totals[tier].update(images=round(images), frames=round(frames), visual_tokens=round(vis))
     if "source_meta" in cols:  # question/answer pairs: parsed only where the metadata has some
         meta = sql.json_text("source_meta", cols["source_meta"])
         reader = con.sql(f"SELECT tier, {meta} AS m FROM samples WHERE {meta} LIKE '%\"qa\"%'").to_arrow_reader(65536)
         for batch in reader:
             for tier, m in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                 totals[tier]["text_tokens"] += sample_text_tokens(None, m)
-    return totals
+    return totals, sampled
 
 
 def _bill_section(bill: dict) -> str:
@@ -285,7 +317,9 @@ def _bill_section(bill: dict) -> str:
     ax.tick_params(axis="y", labelsize=7)
     note = ("from plan.json (curate plan)" if bill["source"] == "plan.json" else
             "computed from the sidecars for the recorded recipe's stages; strategies other than `all` "
-            "take their share of the tier's totals (est.); `curate plan` gives the exact selection")
+            "take their share of the tier's totals (est.); `curate plan` gives the exact selection"
+            + (f". Images, frames and visual tokens are scaled up from {BILL_SAMPLE:,} seeded samples per tier "
+               "and kind (the run has too many image sizes to cost each)" if bill.get("visual_sampled") else ""))
     return (_img("token_bill", _png(fig), "token bill") + f"<p class='note'>{html.escape(note)}</p>"
             + _table(["stage", "tier", "strategy", "samples", "images", "frames", "visual tokens", "text tokens"],
                      rows, "bill"))
@@ -374,12 +408,12 @@ def distributions(con, recipe: Recipe) -> list[str]:
             lines = [(1 / r, f"1/{r:g}"), (r, f"max_aspect_ratio {r:g}")] if r else []
             out.append(_hist_plot("aspect_ratio", h, "aspect ratio of kept samples", "width / height (log)", lines))
     if "text" in have:
-        words = "len(regexp_split_to_array(trim(text), '\\s+'))"
+        words = "len(string_split(trim(text), ' '))"  # words between spaces: a regex split costs 10x
         h = sql.histogram(con, "samples", words, 40, by="kind", where="trim(coalesce(text, '')) <> ''")
         if h:
             lines = [(float(v), f"{k} {v:g}") for k in ("min_words", "max_words")
                      if (v := _number(recipe.param("caption_length", k))) is not None and v <= h.edges[-1] * 1.5]
-            out.append(_hist_plot("caption_words", h, "caption length of kept samples", "words", lines))
+            out.append(_hist_plot("caption_words", h, "caption length of kept samples", "words (split on spaces)", lines))
     if "ocr_text" in have:
         h = sql.histogram(con, "samples", "length(ocr_text)", 40, where="ocr_text IS NOT NULL")
         if h:

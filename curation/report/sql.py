@@ -1,7 +1,7 @@
 """The report's aggregates, computed in DuckDB: only small results (bins, counts, a few
 sampled rows) ever reach Python, whatever the number of rows.
 
-`histogram` bins a numeric expression with SQL (two scans: range, then counts per bin),
+`histogram` bins a numeric expression with SQL (one scan: values, range, counts per bin),
 `histogram_2d` does the same on two axes, `top_values` counts a categorical one. Columns
 whose storage may change (JSON text today, Arrow list/struct tomorrow) are read only
 through `json_text`, which turns either into JSON text.
@@ -64,55 +64,59 @@ def histogram(con: duckdb.DuckDBPyConnection, source: str, expr: str, bins: int 
     """Counts of `expr` over `source` (a view or a parenthesised query) in `bins` equal bins
     between lo and hi (default: the data's range; values outside are clipped into the end
     bins), per value of `by` when given. `log`: bins equal on log10 (values <= 0 left out).
-    None when no row has a finite value."""
+    None when no row has a finite value. One scan: the values are computed once into a
+    materialized CTE (one number and one group per row, in DuckDB's memory, spilled past
+    its limit), whose range then sets the bins."""
     value = f"log10(({expr})::DOUBLE)" if log else f"({expr})::DOUBLE"
     filt = f"({where}) AND {_finite(expr, log)}"
-    if lo is None or hi is None:
-        dlo, dhi, n = con.sql(f"SELECT min({value}), max({value}), count(*) FROM {source} WHERE {filt}").fetchall()[0]
-        if not n:
-            return None
-        lo = dlo if lo is None else (math.log10(lo) if log else lo)
-        hi = dhi if hi is None else (math.log10(hi) if log else hi)
-    elif log:
-        lo, hi = math.log10(lo), math.log10(hi)
-    if hi <= lo:  # one distinct value: one bin around it
-        lo, hi, bins = lo - 0.5, lo + 0.5, 1
-    width = (hi - lo) / bins
+    given = [None if v is None else float(math.log10(v) if log else v) for v in (lo, hi)]
+    bound = [f"{v!r}::DOUBLE" if v is not None else "NULL::DOUBLE" for v in given]
     group = f"coalesce(({by})::VARCHAR, 'null')" if by else "''"
     rows = con.sql(f"""
-        SELECT {group} AS g, least(greatest(floor(({value} - {lo!r}) / {width!r}), 0), {bins - 1})::INTEGER AS b,
-               count(*) AS n
-        FROM {source} WHERE {filt} GROUP BY ALL""").fetchall()
+        WITH v AS MATERIALIZED (SELECT {group} AS g, {value} AS x FROM {source} WHERE {filt}),
+             r AS (SELECT coalesce({bound[0]}, min(x)) AS lo, coalesce({bound[1]}, max(x)) AS hi FROM v)
+        SELECT g, CASE WHEN r.hi > r.lo
+                       THEN least(greatest(floor((x - r.lo) / ((r.hi - r.lo) / {bins})), 0), {bins - 1}) ELSE 0 END::INTEGER,
+               count(*), any_value(r.lo), any_value(r.hi)
+        FROM v, r GROUP BY g, 2""").fetchall()
     if not rows:
         return None
+    lo, hi = rows[0][3], rows[0][4]
+    if hi <= lo:  # one distinct value: one bin around it
+        lo, hi, bins = lo - 0.5, lo + 0.5, 1
     counts: dict[str, np.ndarray] = {}
-    for g, b, n in rows:
+    for g, b, n, _, _ in rows:
         counts.setdefault(g, np.zeros(bins, dtype=np.int64))[b] += n
-    edges = lo + width * np.arange(bins + 1)
+    edges = lo + (hi - lo) / bins * np.arange(bins + 1)
     return Histogram(10 ** edges if log else edges, dict(sorted(counts.items())), log)
 
 
 def histogram_2d(con: duckdb.DuckDBPyConnection, source: str, x: str, y: str, bins: int = 32, log: bool = True,
                  where: str = "true") -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(x edges, y edges, counts[y, x]) of two expressions binned together in SQL."""
+    """(x edges, y edges, counts[y, x]) of two expressions binned together in SQL (one scan)."""
     tx, ty = (f"log10(({e})::DOUBLE)" if log else f"({e})::DOUBLE" for e in (x, y))
     filt = f"({where}) AND {_finite(x, log)} AND {_finite(y, log)}"
-    xlo, xhi, ylo, yhi, n = con.sql(f"SELECT min({tx}), max({tx}), min({ty}), max({ty}), count(*) "
-                                    f"FROM {source} WHERE {filt}").fetchall()[0]
-    if not n:
+
+    def cell(v: str, lo: str, hi: str) -> str:
+        return f"CASE WHEN {hi} > {lo} THEN least(floor(({v} - {lo}) / (({hi} - {lo}) / {bins})), {bins - 1}) ELSE 0 END::INTEGER"
+
+    rows = con.sql(f"""
+        WITH v AS MATERIALIZED (SELECT {tx} AS x, {ty} AS y FROM {source} WHERE {filt}),
+             r AS (SELECT min(x) AS xlo, max(x) AS xhi, min(y) AS ylo, max(y) AS yhi FROM v)
+        SELECT {cell("x", "r.xlo", "r.xhi")}, {cell("y", "r.ylo", "r.yhi")}, count(*),
+               any_value(r.xlo), any_value(r.xhi), any_value(r.ylo), any_value(r.yhi)
+        FROM v, r GROUP BY 1, 2""").fetchall()
+    if not rows:
         return None
+    xlo, xhi, ylo, yhi = rows[0][3:]
+    counts = np.zeros((bins, bins), dtype=np.int64)
+    for bx, by_, k, *_ in rows:
+        counts[by_, bx] += k
     if xhi <= xlo:
         xlo, xhi = xlo - 0.5, xlo + 0.5
     if yhi <= ylo:
         ylo, yhi = ylo - 0.5, ylo + 0.5
-    wx, wy = (xhi - xlo) / bins, (yhi - ylo) / bins
-    counts = np.zeros((bins, bins), dtype=np.int64)
-    for bx, by_, k in con.sql(f"""
-            SELECT least(floor(({tx} - {xlo!r}) / {wx!r}), {bins - 1})::INTEGER,
-                   least(floor(({ty} - {ylo!r}) / {wy!r}), {bins - 1})::INTEGER, count(*)
-            FROM {source} WHERE {filt} GROUP BY ALL""").fetchall():
-        counts[by_, bx] += k
-    ex, ey = xlo + wx * np.arange(bins + 1), ylo + wy * np.arange(bins + 1)
+    ex, ey = xlo + (xhi - xlo) / bins * np.arange(bins + 1), ylo + (yhi - ylo) / bins * np.arange(bins + 1)
     return (10 ** ex, 10 ** ey, counts) if log else (ex, ey, counts)
 
 
