@@ -72,7 +72,12 @@ def _crawl_ledgers(run_root: Path) -> list[Path]:
         info = json.loads((run_root / "_work" / "run.json").read_text())
     except (OSError, ValueError):
         return []
-    recorded = info.get("crawl_ledgers") if isinstance(info, dict) else None
+    if not isinstance(info, dict):
+        return []
+    recorded = info.get("crawl_ledgers")
+    if recorded is None and isinstance(info.get("input"), str) and Path(info["input"]).is_dir():
+        # a run.json from before runs recorded them: those runs merged the input folder's
+        recorded = [str(p) for p in Path(info["input"]).glob(CRAWL_LEDGER_GLOB)]
     if not isinstance(recorded, list):
         return []
     paths = [Path(p) for p in recorded if isinstance(p, str) and p]
