@@ -10,14 +10,18 @@ seeded random kept samples per tier and dropped or failed samples per reason, th
 run's per-stage time and throughput (summary.json), and training loss curves.
 
 Bounded on a run of any size: every aggregate is computed in DuckDB (SQL binning, GROUP
-BY), so what reaches Python is bins and counts, never a table of samples; per reason and
-tier only PER_GROUP sampled rows are fetched (thumbs.py: at most one tier shard per
-tier and MAX_RAW_SHARDS raw shards are read, each only up to its last wanted sample).
-The exceptions grow with something other than the number of samples: the token bill
-without a plan.json visits each distinct (kind, width, height, images, frames) once in
-Python and parses `source_meta` only of the samples that carry question/answer pairs;
-loss curves read at most MAX_LOSS_LINES lines per training run. On 2 cores a synthetic
-run of 1M ledger rows and 700k sidecar rows reports in seconds (bench/bench_report.py).
+BY; a histogram holds its values, a number and a group label per row, in a DuckDB
+materialized CTE), so what reaches Python is bins and counts, never a table of
+samples. Per tier and per reason only PER_GROUP sampled rows are fetched (thumbs.py: at
+most one tier shard per tier and MAX_RAW_SHARDS raw shards are read, by offset where
+they are plain tars). What grows with something else than the number of bins: the
+token bill without a plan.json costs each distinct (tier, kind, width, height, images,
+frames) once in Python up to MAX_BILL_GROUPS of them, then a seeded sample of
+BILL_SAMPLE rows per tier and kind instead, and parses `source_meta` of the samples that
+carry question/answer pairs (streamed in Arrow batches); a plan.json is read whole;
+loss curves read at most MAX_LOSS_LINES lines per training run. On 2 shared cores a
+synthetic run of 1M ledger rows and 700k sidecar rows takes about 12 CPU seconds
+(bench/bench_report.py), most of it matplotlib and the Parquet scans.
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ def histogram(con: duckdb.DuckDBPyConnection, source: str, expr: str, bins: int 
     between lo and hi (default: the data's range; values outside are clipped into the end
     bins), per value of `by` when given. `log`: bins equal on log10 (values <= 0 left out).
     None when no row has a finite value. One scan: the values are computed once into a
-    materialized CTE (one number and one group per row, in DuckDB's memory, spilled past
-    its limit), whose range then sets the bins."""
+    materialized CTE (a number and a group label per row, in DuckDB's memory), whose
+    range then sets the bins."""
     value = f"log10(({expr})::DOUBLE)" if log else f"({expr})::DOUBLE"
     filt = f"({where}) AND {_finite(expr, log)}"
     given = [None if v is None else float(math.log10(v) if log else v) for v in (lo, hi)]
