@@ -191,3 +191,17 @@ def test_verify_names_a_sidecar_column_of_another_type(sidecar):
     assert sidecar_type_problems(pq.read_schema(sidecar)) == []
     old = pa.schema([("uid", pa.string()), ("media", pa.string()), ("my_score", pa.float64())])  # JSON text, as before
     assert sidecar_type_problems(old) == ["sidecar column media is string, the contract says list<item: string>"]
+
+
+def test_a_crawl_listing_written_before_these_columns_reads_them_as_null(tmp_path):
+    import pandas as pd
+
+    from curation.crawl.media import read_media_shard
+    from curation.crawl.rounds import latest_outcomes
+
+    (tmp_path / "_rounds" / "interleaved" / "r000").mkdir(parents=True)
+    (tmp_path / "_rounds" / "interleaved" / "r000" / "_DONE").write_text("")
+    pd.DataFrame({"uid": ["a"], "raw_key": ["0000000000"], "status": ["kept"], "reason": [None], "error": [None],
+                  "transient": [False]}).to_parquet(tmp_path / "interleaved-r000-00000.parquet")
+    latest = latest_outcomes(tmp_path, "interleaved", read_media_shard)
+    assert latest[["http_status", "fetched_at"]].isna().all().all() and latest["status"].tolist() == ["kept"]

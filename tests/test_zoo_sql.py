@@ -39,7 +39,7 @@ def run_root(tmp_path):
                   "reason": [None, "duplicate_near", "decode_error"], "dup_of": [None, "u1", None],
                   "tier": ["alignment", None, None]}).to_parquet(root / "ledger.parquet")
     pd.DataFrame({"uid": ["u1"], "key": ["u1"], "kind": ["image_text"], "tier": ["alignment"], "text": ["a red circle"],
-                  "media": ['["jpg"]'], "source_meta": [None]}).to_parquet(tier / "alignment-000000.parquet")
+                  "media": [["jpg"]], "source_meta": [None]}).to_parquet(tier / "alignment-000000.parquet")
     _tar(tier / "alignment-000000.tar", [("u1.jpg", b"JPEG"), ("u1.txt", b"a red circle")])
     (tier / "manifest.json").write_text(json.dumps({"tier": "alignment", "pipeline": "t", "config_hash": "abc",
         "shards": [{"name": "alignment-000000.tar", "sidecar": "alignment-000000.parquet", "samples": 1,
@@ -194,14 +194,14 @@ def _hostile_tier(run_root):
     """A tier whose data names paths outside any output folder, next to good samples."""
     tier = run_root / "tiers" / "alignment"
     rows = [
-        ("u1", "u1", "image_text", '["jpg"]'),
-        ("u5", "../../evil", "image_text", '["jpg"]'),            # key climbs out
-        ("u6", "/tmp/abs_evil", "image_text", '["jpg"]'),         # absolute key
-        ("u7", "k7", "interleaved", '["0.jpg", "../../../x.jpg"]'),  # media name climbs out
-        ("u8", "k8", "image_text", '["jp\\u0000g"]'),             # NUL in a media name
-        ("u9", "k9", "video", '["../../clip.mp4"]'),              # video member name climbs out
-        ("u10", "k10", "video", '["mp4"]'),
-        ("u11", "k11", "image_text", "not json"),
+        ("u1", "u1", "image_text", ["jpg"]),
+        ("u5", "../../evil", "image_text", ["jpg"]),            # key climbs out
+        ("u6", "/tmp/abs_evil", "image_text", ["jpg"]),         # absolute key
+        ("u7", "k7", "interleaved", ["0.jpg", "../../../x.jpg"]),  # media name climbs out
+        ("u8", "k8", "image_text", ["jp\u0000g"]),             # NUL in a media name
+        ("u9", "k9", "video", ["../../clip.mp4"]),              # video member name climbs out
+        ("u10", "k10", "video", ["mp4"]),
+        ("u11", "k11", "image_text", []),                       # lists no media
     ]
     pd.DataFrame({"uid": [r[0] for r in rows], "key": [r[1] for r in rows], "kind": [r[2] for r in rows],
                   "media": [r[3] for r in rows], "text": ["a caption"] * len(rows),
@@ -229,7 +229,7 @@ def test_export_skips_hostile_names_and_writes_only_under_out(run_root, tmp_path
     assert "unsafe key" in reasons["'../../evil'"] and "unsafe key" in reasons["'/tmp/abs_evil'"]
     assert "unsafe media name" in reasons["'k7'"] and "unsafe media name" in reasons["'k8'"]
     assert "\\x00" in reasons["'k8'"]  # shown escaped, never raw
-    assert "unsafe media name" in reasons["'k9'"] and "not JSON" in reasons["'k11'"]
+    assert "unsafe media name" in reasons["'k9'"] and "no media listed" in reasons["'k11'"]
     assert "not in the sidecar" in reasons["'stray'"]
     assert any(s["key"] is None and "unsafe shard name" in s["reason"] for s in result["skipped"])
     written = {p for p in tmp_path.rglob("*") if p.is_file()} - {p for p in run_root.rglob("*")}
