@@ -242,3 +242,16 @@ def test_labels_from_data_are_never_mathtext():
             {"step": "$op", "status": "dropped", "reason": "$\\sqrt{$", "samples": 1, "remaining": 2},
             {"step": "kept", "status": "kept", "reason": "", "samples": 2, "remaining": 2}]
     assert "data-plot='funnel'" in report._funnel_section(rows)
+
+
+def test_a_funnel_of_many_reasons_plots_one_bar_per_step_and_tables_them_all():
+    rows, left = [{"step": "inputs", "status": "inputs", "reason": "", "samples": 100, "remaining": 100}], 100
+    for i in range(report.MAX_FUNNEL_BARS + 10):
+        left -= 1
+        rows.append({"step": "crawl" if i < 50 else "clip_score", "status": "dropped", "reason": f"http_{i}",
+                     "samples": 1, "remaining": left})
+    rows.append({"step": "kept", "status": "kept", "reason": "", "samples": left, "remaining": left})
+    bars = report._funnel_plot_rows(rows)
+    assert [(b["step"], b["reason"], b["samples"], b["remaining"]) for b in bars] == [
+        ("inputs", "", 100, 100), ("crawl", "50 reasons", 50, 50), ("clip_score", "20 reasons", 20, 30), ("kept", "", 30, 30)]
+    assert report._funnel_section(rows).count("<tr>") == len(rows) + 1  # header + every reason

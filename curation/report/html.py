@@ -48,6 +48,7 @@ STATUS_COLOURS = {"kept": "#2e7d32", "dropped": "#f9a825", "failed": "#c62828", 
 DPI = 80
 MAX_LOSS_LINES = 1_000_000
 MAX_LOSS_POINTS = 2000
+MAX_FUNNEL_BARS = 60  # more reasons than this: one bar per step in the plot (the table lists them all)
 
 
 # ----------------------------------------------------------------- small pieces
@@ -99,9 +100,6 @@ class Recipe:
     def param(self, op: str, key: str):
         return next((o.get(key) for o in self.ops if o["op"] == op), None)
 
-    def has(self, op: str) -> bool:
-        return any(o["op"] == op for o in self.ops)
-
 
 def _read_json(path: Path):
     try:
@@ -121,8 +119,10 @@ def funnel(con, recipe: Recipe) -> list[dict]:
                      "GROUP BY ALL ORDER BY 4 DESC, 3").fetchall()
     known = registry()
     owner: dict[str, str] = {}
-    map_ops = [o["op"] for o in recipe.ops if not issubclass(known.get(o["op"], object), GlobalOp)]
-    global_ops = [o["op"] for o in recipe.ops if o["op"] not in map_ops]
+    # Without a recorded recipe (run.json deleted), every registered operator, in no known order.
+    names = [o["op"] for o in recipe.ops] or list(known)
+    map_ops = [n for n in names if not issubclass(known.get(n, object), GlobalOp)]
+    global_ops = [n for n in names if n not in map_ops]
     fixed = {"routing": "routing_error", "uid conflicts": "duplicate_uid", "unrouted": "unrouted"}
     order = ["read and media checks", *map_ops, "routing", "uid conflicts", *global_ops, "unrouted"]
     for name in map_ops + global_ops:
@@ -148,11 +148,30 @@ def funnel(con, recipe: Recipe) -> list[dict]:
             {"step": "kept", "status": "kept", "reason": "", "samples": remaining, "remaining": remaining}]
 
 
+def _funnel_plot_rows(rows: list[dict]) -> list[dict]:
+    """The funnel's rows for the plot: past MAX_FUNNEL_BARS, each step's reasons in one bar."""
+    if len(rows) <= MAX_FUNNEL_BARS:
+        return rows
+    merged: list[dict] = []
+    for r in rows:
+        last = merged[-1] if merged else None
+        if last is not None and last["step"] == r["step"] and r["step"] not in ("inputs", "kept"):
+            last.update(samples=last["samples"] + r["samples"], remaining=r["remaining"], reasons=last["reasons"] + 1,
+                        reason=f"{last['reasons'] + 1} reasons")
+            if r["status"] == "failed":
+                last["status"] = "failed"
+        else:
+            merged.append({**r, "reasons": 1})
+    return merged
+
+
 def _funnel_section(rows: list[dict]) -> str:
+    table_rows = rows
+    rows = _funnel_plot_rows(rows)
     labels = [_t(r["step"] if r["step"] in ("inputs", "kept") else f"{r['step']}: {r['reason']}") for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.2))
     y = list(range(len(rows)))[::-1]
-    ax.barh(y, [max(r["samples"], 0.8) for r in rows], color=[STATUS_COLOURS[r["status"]] for r in rows])
+    ax.barh(y, [max(r["samples"], 0.8) for r in rows], color=[STATUS_COLOURS.get(r["status"], "#9e9e9e") for r in rows])
     ax.plot([r["remaining"] for r in rows], y, color="#37474f", marker="o", ms=3, lw=1, label="remaining after step")
     for yi, r in zip(y, rows):
         ax.text(r["samples"], yi, f" {r['samples']:,}", va="center", fontsize=7)
@@ -164,7 +183,7 @@ def _funnel_section(rows: list[dict]) -> str:
     total = rows[0]["samples"] or 1
     table = _table(["step", "reason", "status", "samples", "% of inputs", "remaining"],
                    [[r["step"], r["reason"], r["status"], r["samples"], 100.0 * r["samples"] / total, r["remaining"]]
-                    for r in rows], "funnel")
+                    for r in table_rows], "funnel")
     return _img("funnel", _png(fig), "ledger funnel") + table
 
 
