@@ -50,6 +50,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from .kinds import IMAGE_TEXT, kind_of
+
 DEFAULT_MAX_PIXELS = 40_000_000  # one pixel cap for every image decoded anywhere
 JPEG_MAX_SIDE = 65500  # libjpeg's JPEG_MAX_DIMENSION
 JPEG_QUALITY = 95
@@ -361,37 +363,55 @@ def tier_members(row: dict, files: dict[str, bytes], max_pixels: int = DEFAULT_M
     with the document's member references rewritten, every image checked against the cap
     and (beyond the first, which decode_image decodes) fully decoded; video: the clip
     as is, probed from the file. Deterministic. Raises MediaError only."""
-    kind = row.get("kind")
+    # a name no kind has is stored as one image, as it always was (stage A fails such rows first)
+    return kind_of(row.get("kind"), default=IMAGE_TEXT).tier_members(row, files, max_pixels)
+
+
+def video_tier_members(row: dict, files: dict[str, bytes], max_pixels: int) -> tuple[list[tuple[str, bytes]], dict]:
+    """A video's clip as is, probed from the file (tier_members)."""
     names = _names(row)
-    if kind == "video":
-        if not names:
-            raise MediaError("no_video", "the sample has no video member")
-        data = _member(files, names[0])
-        probe = probe_video(data, max_pixels)
-        ext = probe.pop("ext")
-        updates = {"media": [ext], "num_bytes": len(data), **probe}
-        if not row.get("sha256"):
-            updates["sha256"] = hashlib.sha256(data).hexdigest()
-        return [(ext, bytes(data))], updates
+    if not names:
+        raise MediaError("no_video", "the sample has no video member")
+    data = _member(files, names[0])
+    probe = probe_video(data, max_pixels)
+    ext = probe.pop("ext")
+    updates = {"media": [ext], "num_bytes": len(data), **probe}
+    if not row.get("sha256"):
+        updates["sha256"] = hashlib.sha256(data).hexdigest()
+    return [(ext, bytes(data))], updates
+
+
+def _image_names(row: dict) -> list:
+    names = _names(row)
     if not names:
         raise MediaError("no_image", "the sample has no image member")
-    if kind == "interleaved":
-        members, first, conversions = [], None, []
-        for i, name in enumerate(names):
-            try:
-                ext, out, facts = _tier_image(_member(files, name), max_pixels, validate=i > 0)
-            except MediaError as exc:
-                raise MediaError(exc.reason, f"image {i} ({name}): {exc}", exc.facts) from None
-            members.append((f"{i}.{ext}", out))
-            first = first or facts
-            if facts["conversion"]:
-                conversions.append(facts["conversion"])
-        renamed = {old: new for old, (new, _) in zip(names, members)}
-        updates = {**_image_updates(first), "media": [m for m, _ in members],
-                   "num_bytes": sum(len(b) for _, b in members), "num_images": len(members),
-                   "conversion": ",".join(conversions) if conversions else None,
-                   "doc": _rewrite_doc(row.get("doc"), renamed)}
-        return members, updates
+    return names
+
+
+def document_tier_members(row: dict, files: dict[str, bytes], max_pixels: int) -> tuple[list[tuple[str, bytes]], dict]:
+    """A document's images as `0.<ext>`, `1.<ext>`, ..., its doc's members renamed (tier_members)."""
+    names = _image_names(row)
+    members, first, conversions = [], None, []
+    for i, name in enumerate(names):
+        try:
+            ext, out, facts = _tier_image(_member(files, name), max_pixels, validate=i > 0)
+        except MediaError as exc:
+            raise MediaError(exc.reason, f"image {i} ({name}): {exc}", exc.facts) from None
+        members.append((f"{i}.{ext}", out))
+        first = first or facts
+        if facts["conversion"]:
+            conversions.append(facts["conversion"])
+    renamed = {old: new for old, (new, _) in zip(names, members)}
+    updates = {**_image_updates(first), "media": [m for m, _ in members],
+               "num_bytes": sum(len(b) for _, b in members), "num_images": len(members),
+               "conversion": ",".join(conversions) if conversions else None,
+               "doc": _rewrite_doc(row.get("doc"), renamed)}
+    return members, updates
+
+
+def image_tier_members(row: dict, files: dict[str, bytes], max_pixels: int) -> tuple[list[tuple[str, bytes]], dict]:
+    """An image_text sample's one image (tier_members)."""
+    names = _image_names(row)
     ext, out, facts = _tier_image(_member(files, names[0]), max_pixels, validate=False)
     return [(ext, out)], {**_image_updates(facts), "media": [ext], "num_bytes": len(out)}
 

@@ -71,9 +71,9 @@ null, probe an object, missing_images an array of strings, items an array of obj
 anything else fails the row `bad_metadata` naming the field. Numeric probe fields must be
 non-negative finite numbers (an integral float counts as an int: 640.0 -> 640); strings,
 booleans, fractions in int fields and out-of-range values fail. A kind that is not one of
-KINDS fails `unknown_kind`; a json without a kind (or no json) gets the kind its members
-say (`infer_kind`: a video member (mp4, webm, mkv, mov) -> video, several images
-("0.jpg", "1.png", ... see NUMBERED_IMAGE, or jpg + png) -> interleaved with its images
+curation.kinds fails `unknown_kind`; a json without a kind (or no json) gets the kind its
+members say (`kinds.infer`: a video member (mp4, webm, mkv, mov) -> video, several images
+("0.jpg", "1.png", ... see kinds.NUMBERED_IMAGE, or jpg + png) -> interleaved with its images
 as the document's items, else image_text); a video's facts then come from the file
 (media.tier_members probes it when stage A validates the media). A uid that is not ours
 (a number, another format) is not an error: the row gets the uid derived from its place.
@@ -104,6 +104,8 @@ from typing import Any, Iterator
 from .errors import InputError
 from .ids import make_uid
 from .inputs import ShardIOError, ShardRef, as_shard, open_listing, open_shard
+from .kinds import RAW_IMAGE_EXTS, RAW_VIDEO_EXTS, UnknownKind, kind_of, names, ordered_images
+from .kinds import infer as infer_kind
 
 # Columns every raw sample starts with, whatever its kind, so Ray blocks from shards of
 # different kinds share one schema. Operators add their outputs to these.
@@ -111,13 +113,9 @@ READ_COLUMNS = ("uid", "kind", "source", "url", "text", "source_meta", "raw_shar
                 "error", "media", "image_bytes", "num_images", "missing_images", "doc", "doc_sha256", "duration",
                 "fps", "num_frames", "codec", "width", "height", "sha256", "num_bytes",
                 "stage")  # "crawl" for a listing's failed rows (rule 5), else None: the ledger's stage
-KINDS = ("image_text", "interleaved", "video")
 UID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-VIDEO_EXTS = ("mp4", "webm", "mkv", "mov")
-# Members of a multi-image sample: "0.jpg", "1.png", ... or "img0.jpg", "image_1.png", "page-2.webp"
-NUMBERED_IMAGE = re.compile(r"^(?:(?:img|image|images|page|frame)[._-]?)?([0-9]{1,9})\.(jpg|jpeg|png|webp)\Z")
+IMAGE_EXTS, VIDEO_EXTS = RAW_IMAGE_EXTS, RAW_VIDEO_EXTS  # a raw sample's media (curation.kinds)
 # Json fields this reader uses; every other non-null field is the producer's and goes
 # into source_meta. key/status/error_message are img2dataset's bookkeeping of the
 # sample itself (its key, "success", null), nothing about the data.
@@ -157,38 +155,6 @@ class ReadCaps:
 
 
 # ------------------------------------------------------------------------ small helpers
-def ordered_images(files: dict[str, bytes]) -> list[str]:
-    """Numbered image members of a multi-image sample ("0.jpg", "1.png", "img2.webp",
-    see NUMBERED_IMAGE), in their order."""
-    numbered = []
-    for e in files:
-        m = NUMBERED_IMAGE.match(e)
-        if m:
-            numbered.append((int(m.group(1)), e))
-    return [e for _, e in sorted(numbered)]
-
-
-def _plain_images(files: dict[str, bytes]) -> list[str]:
-    return [e for e in IMAGE_EXTS if e in files]
-
-
-def media_members(kind: str, files: dict[str, bytes]) -> list[str]:
-    """The sample's media member names in order, by kind."""
-    if kind == "interleaved":
-        return ordered_images(files) or _plain_images(files)
-    if kind == "video":
-        return [e for e in VIDEO_EXTS if e in files][:1]
-    return (_plain_images(files) or ordered_images(files))[:1]
-
-
-def infer_kind(files: dict[str, bytes]) -> str:
-    """The kind of a sample whose json does not say: a video member makes a video, more
-    than one image member a document (interleaved), else an image with text."""
-    if any(e in files for e in VIDEO_EXTS):
-        return "video"
-    return "interleaved" if len(ordered_images(files)) > 1 or len(_plain_images(files)) > 1 else "image_text"
-
-
 def list_raw_shards(raw_input: str | Path) -> list[ShardRef]:
     """The raw shards an --input names (curation/inputs.py), in order."""
     from .inputs import resolve_input
@@ -833,10 +799,13 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
     inferred = kind is None or kind == ""
     if inferred:  # no json, or a producer that does not say: the members tell
         kind = infer_kind(files)
-    if not isinstance(kind, str) or kind not in KINDS:
-        fail("unknown_kind", f"kind {_one_line(repr(kind), 50)} is not one of {list(KINDS)}")
-        kind = "image_text"
-    row["kind"] = kind
+    else:
+        try:
+            kind = kind_of(kind)
+        except UnknownKind:
+            fail("unknown_kind", f"kind {_one_line(repr(kind), 50)} is not one of {list(names())}")
+            kind = kind_of("image_text")  # a failed row still needs a shape; its media are not used
+    row["kind"] = kind.name
     try:
         source = _opt_str(meta, "source")
         row["source"] = source or default_source
@@ -866,59 +835,66 @@ def _sample_row(shard_name: str, key: str, files: dict[str, bytes], default_sour
     else:
         row["text"] = caption
 
-    media = media_members(kind, files)
+    media = kind.media_members(files)
     row["media"] = media
     row["num_bytes"] = sum(len(files[m]) for m in media)  # all media: what a tier shard will carry
     # The media the operators look at: the image, a document's first image, or the clip
     # (video operators decode frames from it; image operators do not take video rows).
     row["image_bytes"] = files[media[0]] if media else b""
-    if kind == "interleaved":
-        row["num_images"] = len(media)
-        try:
-            missing = meta.get("missing_images")
-            if missing is None:
-                missing = []
-            if not isinstance(missing, list) or not all(isinstance(u, str) for u in missing):
-                raise _Bad("bad_metadata", "json field 'missing_images' must be an array of strings")
-            items = meta.get("items")
-            if items is None:
-                items = []
-            if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
-                raise _Bad("bad_metadata", "json field 'items' must be an array of objects")
-            items = [_doc_item(it) for it in items]
-            doc_id = meta.get("doc_id")
-            if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
-                raise _Bad("bad_metadata", f"json field 'doc_id' must be a string, got {_type_name(doc_id)}")
-            if inferred and not items:  # a document without items: its images in order
-                items = [{"type": "image", "member": m} for m in media]
-            row["missing_images"] = missing
-            row["doc"] = {"doc_id": None if doc_id is None else str(doc_id), "items": items}
-            texts = [it["text"] for it in items if isinstance(it.get("text"), str)]
-            if row["text"] is not None:
-                texts.append(row["text"])
-            row["doc_sha256"] = _sha256_field(meta) or doc_content_sha256([files[m] for m in media], texts)
-        except _Bad as bad:
-            fail(bad.reason, bad.error)
-        except (ValueError, RecursionError):
-            fail("bad_metadata", "json field 'items' cannot be kept as JSON (nested too deeply or a number out of range)")
-    elif kind == "video":
-        try:
-            probe = meta.get("probe")
-            if probe is None:
-                probe = {}
-            if not isinstance(probe, dict):
-                raise _Bad("bad_metadata", f"json field 'probe' must be an object, got {_type_name(probe)}")
-            row["duration"] = _number(probe, "duration", integer=False)
-            row["fps"] = _number(probe, "fps", integer=False)
-            for name in ("num_frames", "width", "height"):
-                row[name] = _number(probe, name, integer=True)
-            row["codec"] = _opt_str(probe, "codec", "probe.codec")
-        except _Bad as bad:
-            fail(bad.reason, bad.error)
-        row["sha256"] = _sha256_field(meta) or (hashlib.sha256(files[media[0]]).hexdigest() if media else None)
-        if not media:
-            fail("no_video", f"sample has no {'/'.join(VIDEO_EXTS)} member")
+    kind.read_fields(row, meta, files, media, inferred, fail)
     return row
+
+
+def document_fields(row: dict, meta: dict, files: dict[str, bytes], media: list[str], inferred: bool, fail) -> None:
+    """A document's (kind interleaved) json fields: missing_images, items, doc_id, sha256."""
+    row["num_images"] = len(media)
+    try:
+        missing = meta.get("missing_images")
+        if missing is None:
+            missing = []
+        if not isinstance(missing, list) or not all(isinstance(u, str) for u in missing):
+            raise _Bad("bad_metadata", "json field 'missing_images' must be an array of strings")
+        items = meta.get("items")
+        if items is None:
+            items = []
+        if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+            raise _Bad("bad_metadata", "json field 'items' must be an array of objects")
+        items = [_doc_item(it) for it in items]
+        doc_id = meta.get("doc_id")
+        if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
+            raise _Bad("bad_metadata", f"json field 'doc_id' must be a string, got {_type_name(doc_id)}")
+        if inferred and not items:  # a document without items: its images in order
+            items = [{"type": "image", "member": m} for m in media]
+        row["missing_images"] = missing
+        row["doc"] = {"doc_id": None if doc_id is None else str(doc_id), "items": items}
+        texts = [it["text"] for it in items if isinstance(it.get("text"), str)]
+        if row["text"] is not None:
+            texts.append(row["text"])
+        row["doc_sha256"] = _sha256_field(meta) or doc_content_sha256([files[m] for m in media], texts)
+    except _Bad as bad:
+        fail(bad.reason, bad.error)
+    except (ValueError, RecursionError):
+        fail("bad_metadata", "json field 'items' cannot be kept as JSON (nested too deeply or a number out of range)")
+
+
+def video_fields(row: dict, meta: dict, files: dict[str, bytes], media: list[str], fail) -> None:
+    """A video's json fields: the probe (duration, fps, frames, size, codec) and sha256."""
+    try:
+        probe = meta.get("probe")
+        if probe is None:
+            probe = {}
+        if not isinstance(probe, dict):
+            raise _Bad("bad_metadata", f"json field 'probe' must be an object, got {_type_name(probe)}")
+        row["duration"] = _number(probe, "duration", integer=False)
+        row["fps"] = _number(probe, "fps", integer=False)
+        for name in ("num_frames", "width", "height"):
+            row[name] = _number(probe, name, integer=True)
+        row["codec"] = _opt_str(probe, "codec", "probe.codec")
+    except _Bad as bad:
+        fail(bad.reason, bad.error)
+    row["sha256"] = _sha256_field(meta) or (hashlib.sha256(files[media[0]]).hexdigest() if media else None)
+    if not media:
+        fail("no_video", f"sample has no {'/'.join(VIDEO_EXTS)} member")
 
 
 ITEM_FIELDS = ("type", "text", "url", "member")  # a document item's fields (the sidecar's doc struct)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+from .kinds import IMAGE_TEXT, kind_of
+
 BASE = 384  # SigLIP input resolution
 UNIT = 27  # tokens per tile side (729 per tile)
 MAX_GRID = 6
@@ -93,14 +95,9 @@ def anyres_tokens(width: int, height: int) -> int:
 
 
 def visual_tokens(kind: str, width, height, num_images, num_frames) -> tuple[int, int, int]:
-    """(images, frames, visual tokens) for one sample."""
-    if kind == "video":
-        frames = min(int(num_frames or MAX_FRAMES), MAX_FRAMES)
-        return 0, frames, frames * TOKENS_PER_FRAME
-    if kind == "interleaved":
-        n = int(num_images or 0)
-        return n, 0, n * TOKENS_PER_IMAGE_MULTI
-    return 1, 0, anyres_tokens(int(width), int(height))
+    """(images, frames, visual tokens) for one sample: its kind's count (curation.kinds;
+    a name no kind has is billed as one image, as it always was)."""
+    return kind_of(kind, default=IMAGE_TEXT).visual_tokens(width, height, num_images, num_frames)
 
 
 def text_tokens(text: str | None) -> int:
