@@ -252,6 +252,31 @@ def test_the_page_and_its_assets_are_local_with_a_strict_policy(base):
         assert status == 200 and b"http://" not in text and b"https://" not in text
 
 
+def test_curate_browse_prints_its_url_and_serves_until_interrupted(run_root, capsys):
+    import signal
+    import subprocess
+
+    from curation.cli import main
+
+    from .conftest import CURATE, REPO
+
+    proc = subprocess.Popen([*CURATE, "browse", "--root", str(run_root.parent), "--port", "0"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = line.split()[2]
+        assert line.startswith("curate browse: http://127.0.0.1:") and url.endswith("/"), line
+        status, page = api(url.rstrip("/"), "/api/samples", limit=1)
+        assert status == 200 and page["total"] > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert main(["browse", "--root", str(run_root / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("curate: error: --root") and len(err.splitlines()) == 1
+
+
 # --------------------------------------------------------------------------- the page
 def test_the_page_in_headless_chromium(base, catalog):
     from tests.chromium import chromium_page
