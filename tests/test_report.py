@@ -255,3 +255,65 @@ def test_a_funnel_of_many_reasons_plots_one_bar_per_step_and_tables_them_all():
     assert [(b["step"], b["reason"], b["samples"], b["remaining"]) for b in bars] == [
         ("inputs", "", 100, 100), ("crawl", "50 reasons", 50, 50), ("clip_score", "20 reasons", 20, 30), ("kept", "", 30, 30)]
     assert report._funnel_section(rows).count("<tr>") == len(rows) + 1  # header + every reason
+
+
+def _jpeg(size=(40, 30), colour=(200, 30, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _write_tar(path, members, gzip=False):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz" if gzip else "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:  # a symlink: never read
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(info)
+                continue
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_thumbnails_of_hostile_samples_by_offset_and_streamed(tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    bomb = io.BytesIO()  # 42 MP in 5 KB: over the pixel cap; and garbage named .jpg
+    Image.new("1", (6500, 6500)).save(bomb, format="PNG")
+    bomb = bomb.getvalue()
+    members = [("a.jpg", _jpeg()), ("a.txt", "a red\nsquare ".encode() * 1000),
+               ("d.0.jpg", _jpeg((20, 60))), ("d.1.png", bomb), ("d.txt", b"doc"),
+               ("bomb.png", bomb), ("junk.jpg", b"<html>not an image</html>"), ("link.jpg", None),
+               ("big.jpg", _jpeg())]
+    plain, packed = tmp_path / "s.tar", tmp_path / "s.tar.gz"
+    _write_tar(plain, members)
+    _write_tar(packed, members, gzip=True)
+    keys = {"a", "d", "bomb", "junk", "link", "big", "absent"}
+    monkeypatch.setattr(thumbs, "MAX_MEMBER_BYTES", len(_jpeg()) - 1)  # big.jpg (and a.jpg) over the cap
+    by_offset = thumbs._indexed_samples(plain, keys)
+    assert set(by_offset) == {"a", "d", "bomb", "junk", "big"}  # no symlink, nothing for an absent key
+    assert by_offset["a"][0]["jpg"] is None and len(by_offset["a"][0]["txt"]) == 4096  # over the cap; text cut
+    assert thumbs.picture(*by_offset["big"]) == (None, "not shown: over 0 MiB")
+    monkeypatch.setattr(thumbs, "MAX_MEMBER_BYTES", 64 << 20)
+    by_offset = thumbs._indexed_samples(plain, keys)
+    from curation.inputs import as_shard
+
+    streamed = thumbs._raw_samples(as_shard(packed), keys, "test")  # gzip: no offsets, read_shard instead
+    assert set(streamed) == set(by_offset)
+    for found in (by_offset, streamed):
+        jpeg, note = thumbs.picture(*found["a"])
+        assert Image.open(io.BytesIO(jpeg)).size == (40, 30) and note == ""
+        assert thumbs._text_of(found["a"][0]).startswith("a red\nsquare")
+        jpeg, note = thumbs.picture(*found["d"])  # the document's first image, and how many it has
+        assert Image.open(io.BytesIO(jpeg)).size == (20, 60) and note == "document, 2 images"
+        assert thumbs.picture(*found["bomb"]) == (None, "not shown: too_many_pixels")
+        assert thumbs.picture(*found["junk"])[0] is None and thumbs.picture(*found["junk"])[1].startswith("not shown")

@@ -69,42 +69,66 @@ def _video_still(data: bytes):
     return None
 
 
-def picture(files: dict[str, bytes]) -> tuple[bytes | None, str]:
-    """(JPEG thumbnail, note) of a sample's first image or its video's first frame."""
-    video = next((e for e in rawshards.VIDEO_EXTS if e in files), None)
-    images = rawshards.ordered_images(files) or [e for e in rawshards.IMAGE_EXTS if e in files]
+def _shown_members(names) -> tuple[list[str], int]:
+    """(the members a tile reads: the video or first image, and the caption; how many
+    images the sample has)."""
+    names = dict.fromkeys(names)
+    video = next((e for e in rawshards.VIDEO_EXTS if e in names), None)
+    images = rawshards.ordered_images(names) or [e for e in rawshards.IMAGE_EXTS if e in names]
+    media = [video] if video is not None else images[:1]
+    return media + [e for e in rawshards.TEXT_EXTS if e in names], len(images)
+
+
+def _slim(files: dict[str, bytes]) -> dict[str, bytes]:
+    """Only what a tile shows (a sample may hold 256 members of 256 MiB)."""
+    keep, _ = _shown_members(files)
+    return {e: (files[e][:4096] if e in rawshards.TEXT_EXTS else files[e]) for e in keep}
+
+
+def picture(files: dict[str, bytes | None], images: int = 1) -> tuple[bytes | None, str]:
+    """(JPEG thumbnail, note) of a sample's first image or its video's first frame;
+    `images`: how many the sample has."""
+    media = [e for e in _shown_members(files)[0] if e not in rawshards.TEXT_EXTS]
+    if not media:
+        return None, "no media"
+    if files[media[0]] is None:
+        return None, f"not shown: over {MAX_MEMBER_BYTES >> 20} MiB"
     try:
-        if video is not None:
-            still = _video_still(files[video])
-            return (_encode(still), f"video ({video})") if still is not None else (None, "no video frame")
-        if images:
-            note = f"document, {len(images)} images" if len(images) > 1 else ""
-            return _encode(open_image(files[images[0]])), note
+        if media[0] in rawshards.VIDEO_EXTS:
+            still = _video_still(files[media[0]])
+            return (_encode(still), f"video ({media[0]})") if still is not None else (None, "no video frame")
+        return _encode(open_image(files[media[0]])), (f"document, {images} images" if images > 1 else "")
     except Exception as exc:  # hostile media: any decoder error means no picture, never no report
         reason = getattr(exc, "reason", None) or type(exc).__name__
         return None, f"not shown: {reason}"
-    return None, "no media"
 
 
 # ----------------------------------------------------------------- reading
-def _indexed_samples(path: Path, keys: set[str]) -> dict[str, dict[str, bytes]]:
-    """{key: {ext: bytes}} of the wanted samples of a plain local tar, read by offset
-    through its header index (browse.tarindex: hostile headers handled there); raises
-    ValueError for a compressed file or one that is not a tar."""
+def _indexed_samples(path: Path, keys: set[str]) -> dict[str, tuple[dict[str, bytes], int]]:
+    """{key: (files a tile shows, images in the sample)} of the wanted samples of a plain
+    local tar, read by offset through its header index (browse.tarindex: hostile headers
+    handled there); raises ValueError for a compressed file or one that is not a tar."""
     from ..browse.tarindex import TarIndex, read_range
 
     index = TarIndex(path)
-    found: dict[str, dict[str, bytes]] = {}
+    found = {}
     for key in keys:
-        for ext in index.sample_members(key):
+        names = index.sample_members(key)
+        if not names:
+            continue
+        shown, images = _shown_members(names)
+        files = {}
+        for ext in shown:
             member = index.members[f"{key}.{ext}"]
-            if member.size <= MAX_MEMBER_BYTES:
-                found.setdefault(key, {})[ext] = b"".join(read_range(path, member))
+            text = ext in rawshards.TEXT_EXTS
+            small = text or member.size <= MAX_MEMBER_BYTES
+            files[ext] = b"".join(read_range(path, member, end=4095 if text else None)) if small else None
+        found[key] = (files, images)
     return found
 
 
-def _raw_samples(ref, keys: set[str], source: str) -> dict[str, dict[str, bytes]]:
-    """{raw_key: files} of the wanted samples of a raw shard: by offset when it is a plain
+def _raw_samples(ref, keys: set[str], source: str) -> dict[str, tuple[dict[str, bytes], int]]:
+    """{raw_key: (files a tile shows, images)} of the wanted samples of a raw shard: by offset when it is a plain
     local tar, else streamed by read_shard (never raises on content) only up to the last
     of them."""
     if getattr(ref, "format", "tar") == "tar" and not ref.remote:
@@ -116,7 +140,7 @@ def _raw_samples(ref, keys: set[str], source: str) -> dict[str, dict[str, bytes]
     for row, files in rawshards.read_shard(ref, source):
         key = row.get("raw_key")
         if key in keys:
-            found[key] = files
+            found[key] = (_slim(files), _shown_members(files)[1])
             if len(found) == len(keys):
                 break
     return found
@@ -144,7 +168,7 @@ def kept_tiles(con: duckdb.DuckDBPyConnection, run_root: Path, seed: int,
             SELECT key, uid, kind, text FROM samples WHERE tier = $tier AND shard = $shard
             ORDER BY hash(uid, $seed) LIMIT $k""", {"tier": tier, "shard": shard, "seed": seed, "k": per_group}).fetchall()
         tar = Path(path).resolve()
-        media: dict[str, dict[str, bytes]] = {}
+        media: dict[str, tuple[dict[str, bytes], int]] = {}
         note = ""
         if tar.parent.parent != tiers_dir or not tar.is_file():  # only the run's own tier tars
             note = "not shown: tier shard missing"
@@ -155,7 +179,7 @@ def kept_tiles(con: duckdb.DuckDBPyConnection, run_root: Path, seed: int,
                 note = f"not shown: {type(exc).__name__}"
         tiles = []
         for key, uid, kind, text in rows:
-            jpeg, why = picture(media[key]) if key in media else (None, note or "not shown: not in its shard")
+            jpeg, why = picture(*media[key]) if key in media else (None, note or "not shown: not in its shard")
             tiles.append(Tile(uid, _caption(text), jpeg, why or kind, alert=jpeg is None))
         out[tier] = tiles
     return out
@@ -219,8 +243,8 @@ def dropped_tiles(con: duckdb.DuckDBPyConnection, run_root: Path, seed: int, per
         elif key not in got:
             tile = Tile(uid, _caption(url), None, "not shown: not in its raw shard")
         else:
-            files = got[key]
-            jpeg, why = picture(files)
+            files, images = got[key]
+            jpeg, why = picture(files, images)
             if jpeg is not None and status == "failed":
                 why = _caption(error)
             tile = Tile(uid, _caption(_text_of(files) or url), jpeg, why, alert=jpeg is None or status == "failed")
