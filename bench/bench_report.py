@@ -98,7 +98,8 @@ def build(root: Path, rows: int, seed: int = 0) -> Path:
     crawled = ~np.isin(outcome, list(range(len(CRAWL))))
     # Raw shards hold every crawled input, in input order.
     raw_idx = np.cumsum(crawled) - 1
-    raw_shard = np.where(crawled, np.array([f"image_text-r000-{i // PER_SHARD:05d}.tar" for i in range(rows)], dtype=object)[raw_idx.clip(0)], None)
+    names = np.array([f"image_text-r000-{i // PER_SHARD:05d}.tar" for i in range(rows)], dtype=object)
+    raw_shard = np.where(crawled, names[raw_idx.clip(0)], None)
     raw_key = np.where(crawled, np.array([f"{i:09d}" for i in range(rows)], dtype=object)[raw_idx.clip(0)], None)
     jpg = [_jpeg(s) for s in range(16)]
     sizes = {}

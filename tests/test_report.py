@@ -9,6 +9,7 @@ import ast
 import inspect
 import json
 import math
+import re
 
 import duckdb
 import numpy as np
@@ -81,7 +82,7 @@ def _literal_reasons(module) -> set[str]:
         if isinstance(node, ast.Call):
             name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
             for arg in node.args:
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and not arg.value.startswith("_"):
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and re.fullmatch(r"[a-z][a-z0-9_]*", arg.value):
                     if name in ("drop", "fail") or arg.value.startswith("duplicate_"):
                         found.add(arg.value)
     return found
@@ -126,7 +127,8 @@ def test_training_runs_are_found_by_their_plan(tmp_path):
         (folder / "checkpoint" / "state.json").write_text(json.dumps({"plan": str(plan)}))
     given = tmp_path / "given"
     given.mkdir()
-    (given / "loss.jsonl").write_text("not json\n" + "".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 5001)))
+    steps = "".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 5001))
+    (given / "loss.jsonl").write_text("not json\n" + steps)
     found = report.training_runs(run, [given, tmp_path / "no-such-run"])
     assert found == [given, tmp_path / "out" / "train" / "mine"]
     steps, losses = report._loss_points(given / "loss.jsonl")

@@ -190,7 +190,8 @@ def _funnel_section(rows: list[dict]) -> str:
 # ----------------------------------------------------------------- tiers and tokens
 def _tiers_section(con, bill: dict | None) -> str:
     by_kind = con.sql("SELECT tier, kind, count(*) FROM samples GROUP BY ALL ORDER BY 1, 2").fetchall()
-    sizes = con.sql("SELECT tier, sum(samples)::BIGINT, sum(bytes) / 1e6, count(*) FROM shards GROUP BY tier ORDER BY tier").fetchall()
+    sizes = con.sql("SELECT tier, sum(samples)::BIGINT, sum(bytes) / 1e6, count(*) FROM shards "
+                    "GROUP BY tier ORDER BY tier").fetchall()
     if not sizes:
         return "<p>No tier holds a sample.</p>"
     tiers = [_t(r[0]) for r in sizes]
@@ -273,7 +274,8 @@ def tier_token_totals(con, seed: int = 0) -> tuple[dict[str, dict[str, int]], bo
     from ..tokens import CHARS_PER_TEXT_TOKEN, visual_tokens
 
     cols = sql.columns(con, "samples")
-    shape = "tier, kind, width, height, " + ", ".join(sql.quote(c) if c in cols else "NULL" for c in ("num_images", "num_frames"))
+    counts = [sql.quote(c) if c in cols else "NULL" for c in ("num_images", "num_frames")]
+    shape = "tier, kind, width, height, " + ", ".join(counts)
     text = f"sum(ceil(length(coalesce(text, '')) / {CHARS_PER_TEXT_TOKEN!r}))::BIGINT"
     zero = {"samples": 0, "images": 0, "frames": 0, "visual_tokens": 0, "text_tokens": 0}
     totals: dict[str, dict[str, int]] = {}
@@ -421,7 +423,8 @@ def distributions(con, recipe: Recipe) -> list[str]:
         if grid:
             ex, ey, counts = grid
             fig, ax = plt.subplots(figsize=(4.6, 3.4))
-            mesh = ax.pcolormesh(ex, ey, counts, cmap="viridis", norm=matplotlib.colors.LogNorm(vmin=1) if counts.max() > 0 else None)
+            norm = matplotlib.colors.LogNorm(vmin=1) if counts.max() > 0 else None
+            mesh = ax.pcolormesh(ex, ey, counts, cmap="viridis", norm=norm)
             ax.set(xscale="log", yscale="log", xlabel="width (px)", ylabel="height (px)", title="resolution of kept samples")
             fig.colorbar(mesh, ax=ax, label="samples")
             out.append(_img("resolution", _png(fig), "resolution"))
@@ -453,8 +456,8 @@ def distributions(con, recipe: Recipe) -> list[str]:
         h = sql.histogram(con, "samples", "nsfw", 40, lo=0.0, hi=1.0)
         if h:
             t = _number(recipe.param("nsfw", "threshold"))
-            out.append(_hist_plot("nsfw", h, "NSFW score of kept samples", "score", [(t, f"threshold {t:g}")] if t is not None else [],
-                                  logy=True))
+            lines = [(t, f"threshold {t:g}")] if t is not None else []
+            out.append(_hist_plot("nsfw", h, "NSFW score of kept samples", "score", lines, logy=True))
     if "duration" in have:
         h = sql.histogram(con, "samples", "duration", 30, where="kind = 'video'")
         if h:
@@ -463,8 +466,9 @@ def distributions(con, recipe: Recipe) -> list[str]:
             out.append(_hist_plot("video_duration", h, "duration of kept videos", "seconds", lines))
     near = _near_dup_histogram(con)
     if near:
+        t = _number(recipe.param("near_dedup", "max_hamming"))
         out.append(_hist_plot("near_duplicates", near, "near duplicates removed", "phash bits from the kept representative",
-                              [(float(t), f"max_hamming {t}")] if (t := _number(recipe.param("near_dedup", "max_hamming"))) is not None else []))
+                              [(t, f"max_hamming {t:g}")] if t is not None else []))
     return out
 
 
@@ -645,7 +649,8 @@ def write_report(root: str | Path, out: str | Path | None = None, train_runs: li
 
     totals = {status: n for status, n in con.sql("SELECT status, count(*) FROM ledger GROUP BY status").fetchall()}
     ledger_rows = sum(totals.values())
-    head = (f"<h1>Curation report: {html.escape(str(summary.get('pipeline') or recipe.record.get('name') or run_root.name))}</h1>"
+    name = summary.get("pipeline") or recipe.record.get("name") or run_root.name
+    head = (f"<h1>Curation report: {html.escape(str(name))}</h1>"
             f"<p>config {html.escape(str(summary.get('config_hash', '?')))} &middot; {ledger_rows} inputs = "
             + " + ".join(f"{totals[s]} {s}" for s in ("kept", "dropped", "failed") if s in totals)
             + (f" &middot; {summary['seconds']} s" if _number(summary.get("seconds")) is not None else "")
