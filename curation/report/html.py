@@ -19,9 +19,9 @@ token bill without a plan.json costs each distinct (tier, kind, width, height, i
 frames) once in Python up to MAX_BILL_GROUPS of them, then a seeded sample of
 BILL_SAMPLE rows per tier and kind instead, and parses `source_meta` of the samples that
 carry question/answer pairs (streamed in Arrow batches); a plan.json is read whole;
-loss curves read at most MAX_LOSS_LINES lines per training run. On 2 shared cores a
-synthetic run of 1M ledger rows and 700k sidecar rows takes about 12 CPU seconds
-(bench/bench_report.py), most of it matplotlib and the Parquet scans.
+loss curves read at most MAX_LOSS_LINES lines per training run. On 2 cores a synthetic
+run of 1M ledger rows and 700k sidecar rows takes 10-13 CPU seconds, about 4 of them
+fixed (mostly matplotlib), against 0.2 s to count its rows (bench/bench_report.py).
 """
 
 from __future__ import annotations
