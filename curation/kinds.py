@@ -13,7 +13,7 @@ comparing kind names:
 * its visual-token cost (`visual_tokens`, curation.tokens);
 * how the reference trainer recognises and decodes it (`decodes`, `decode`,
   curation.trainer.data) and how a tier card shows it (`card_usage`);
-* how it is crawled (`crawl`, curation.crawl).
+* how it is crawled (`crawler`, `crawl_items`, curation.crawl).
 
 The bodies that need a module's private helpers stay in that module; the kind object
 says which applies, so adding a kind is one class here plus `register`. Unknown names
@@ -21,6 +21,7 @@ are refused (`kind_of` raises UnknownKind, a ValueError)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, ClassVar
 
@@ -64,6 +65,7 @@ class Kind:
     columns: ClassVar[tuple[str, ...]] = ()  # sidecar columns only this kind fills
     describe: ClassVar[str]  # the export's prompt when the source had no questions
     infer_rank: ClassVar[int]  # inference asks lower ranks first; image_text (the catch-all) is last
+    doc_layout: ClassVar[bool] = False  # its text and media are laid out by its doc items (exports, trainer)
 
     def __repr__(self) -> str:
         return f"<kind {self.name}>"
@@ -120,11 +122,18 @@ class Kind:
         raise NotImplementedError
 
     # --------------------------------------------------------------- crawling
-    def crawl(self, input_path, out, **options: Any):
-        """`curate crawl --kind NAME`: fetch its sources into raw shards; the crawl ledger."""
+    def crawler(self) -> Callable[..., Any]:
+        """`curate crawl --kind NAME`: the function that fetches its sources into raw shards,
+        called as f(input_path, out, **options) and returning the crawl ledger."""
         from .crawl.media import crawl_media
 
-        return crawl_media(self.name, input_path, out, **options)
+        return functools.partial(crawl_media, self.name)
+
+    def crawl_items(self, input_path, policy, *, url_col=None, caption_col=None, source=None, require_images="all"):
+        """(items, valid, refusals, fetch_one) of a curation.crawl.media crawl of this kind."""
+        from .errors import InputError
+
+        raise InputError(f"unknown crawl kind {self.name!r}")
 
 
 def _image_file(key: str, name: str) -> str:
@@ -168,16 +177,17 @@ class ImageText(Kind):
             raise ValueError(f"sample {raw['__key__']} has no image")
         sample["images"] = [decode_image(raw[ext])]
 
-    def crawl(self, input_path, out, **options):
+    def crawler(self):
         from .crawl.image_text import crawl_image_text
 
-        return crawl_image_text(input_path, out, **options)
+        return crawl_image_text  # its own crawler (img2dataset-style url lists, on Ray)
 
 
 class Interleaved(Kind):
     """A document: text and images in order (`doc.items`)."""
     name, part, multi, tier_exts = "interleaved", "image", True, TIER_IMAGE_EXTS
     columns = ("num_images", "missing_images", "doc", "doc_sha256")
+    doc_layout = True
     describe = "Describe the images in order."
     infer_rank = 20  # after video: a clip with stills is a video
 
@@ -214,6 +224,11 @@ class Interleaved(Kind):
         from .trainer.data import decode_document
 
         decode_document(raw, meta, sample)
+
+    def crawl_items(self, input_path, policy, *, url_col=None, caption_col=None, source=None, require_images="all"):
+        from .crawl.media import document_items
+
+        return document_items(input_path, policy, source, require_images)
 
 
 class Video(Kind):
@@ -262,6 +277,11 @@ class Video(Kind):
         ext = next(e for e in RAW_VIDEO_EXTS if e in raw)
         sample.update(role="frame", images=decode_video(raw[ext], frames_per_video))
 
+    def crawl_items(self, input_path, policy, *, url_col=None, caption_col=None, source=None, require_images="all"):
+        from .crawl.media import video_items
+
+        return video_items(input_path, policy, url_col, caption_col, source)
+
 
 _REGISTRY: dict[str, Kind] = {}
 
@@ -277,6 +297,11 @@ def register(kind: Kind) -> Kind:
 IMAGE_TEXT = register(ImageText())
 INTERLEAVED = register(Interleaved())
 VIDEO = register(Video())
+
+
+def registered() -> tuple[Kind, ...]:
+    """Every registered kind, in registration order."""
+    return tuple(_REGISTRY.values())
 
 
 def names() -> tuple[str, ...]:

@@ -36,11 +36,10 @@ import yaml
 
 from .. import schemas
 from ..fsutil import atomic_write_text
+from ..kinds import TIER_IMAGE_EXTS, TIER_VIDEO_EXTS, registered
 
 CARD_NAME = "README.md"
-IMAGE_EXTS = ("jpg", "png", "webp")  # the only formats a tier stores (curation.media)
-VIDEO_EXTS = ("mp4", "webm")
-SINGLE_MEMBER_EXTS = {"image_text": IMAGE_EXTS, "video": VIDEO_EXTS}
+IMAGE_EXTS, VIDEO_EXTS = TIER_IMAGE_EXTS, TIER_VIDEO_EXTS  # the only formats a tier stores (curation.media)
 
 # datasets' Value dtype names where they differ from pyarrow's type names.
 _VALUE_DTYPES = {"double": "float64", "float": "float32", "halffloat": "float16"}
@@ -106,9 +105,9 @@ def tier_contents(tier_dir: Path, manifest: dict) -> tuple[Counter, list[str], p
         kinds.update(table.column("kind").to_pylist())
         for media in table.column("media").to_pylist():
             members.update(media or [])
-    for kind, exts in SINGLE_MEMBER_EXTS.items():
-        if kinds.get(kind):
-            members.update(exts)
+    for kind in registered():  # a single-member kind: every extension it may have, declared
+        if not kind.multi and kinds.get(kind.name):
+            members.update(kind.tier_exts)
     # An empty tier has no sidecar to read; the contract says what one would hold.
     return kinds, sorted(members, key=_member_order), sidecar_schema or schemas.arrow_schema("sidecar")
 
@@ -185,15 +184,7 @@ def _identity(manifest: dict) -> str:
 
 
 def _usage(kinds: Counter) -> list[str]:
-    out = []
-    if kinds.get("image_text"):
-        out.append('image = next(row[ext] for ext in ("jpg", "png", "webp") if row[ext] is not None)  # PIL image')
-    if kinds.get("interleaved"):
-        out.append('images = [row[m] for m in row["json"]["media"]]  # a document\'s images, in order')
-        out.append('items = row["json"]["doc"]["items"]  # text and image items; image items name their member')
-    if kinds.get("video"):
-        out.append('clip = next(row[ext] for ext in ("mp4", "webm") if row[ext] is not None)  # {"bytes", "path"}')
-        out.append('# ds.cast_column("mp4", datasets.Video()) decodes frames where torchcodec is installed')
+    out = [line for kind in registered() if kinds.get(kind.name) for line in kind.card_usage()]
     out.append('print(row["txt"], row["json"]["uid"])')
     return out
 

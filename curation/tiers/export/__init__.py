@@ -112,8 +112,8 @@ def _run(writer, run_root: Path, parts: list, out: Path) -> dict:
     try:
         for tier, selection in parts:
             for sample in read_tier(run_root, tier, selection, writer.media_root, skipped):
-                if sample.kind == "video" and not writer.holds_video:
-                    reason = f"video: the {writer.format} format holds images only"
+                if sample.of_kind.part == "video" and not writer.holds_video:
+                    reason = f"{sample.kind}: the {writer.format} format holds images only"
                     left_out[reason] = left_out.get(reason, 0) + 1
                     continue
                 owner = (sample.tier, sample.key)  # a stage may list a sample twice; that is one file

@@ -36,15 +36,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ...errors import InputError
+from ...kinds import Kind, UnknownKind, kind_of
 from ...rawshards import iter_samples
-
-DESCRIBE = {"image_text": "Describe the image briefly.", "interleaved": "Describe the images in order.",
-            "video": "Describe what happens in the video."}
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 TIER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")  # as config.TIER_NAME, bounded
-IMAGE_MEDIA = re.compile(r"^(?:[0-9]{1,6}\.)?(?:jpg|jpeg|png|webp)$")
-VIDEO_MEDIA = re.compile(r"^(?:mp4|webm)$")
 PLACEHOLDER_IN_TEXT = re.compile(r"<(image|video)>", re.IGNORECASE)
 
 
@@ -177,16 +173,16 @@ def conversation(kind: str, text: str | None, source_meta: str | None, doc: dict
                  interleave: bool = True) -> list[Turn]:
     """The sample as alternating user/assistant turns (rules in the module docstring).
     `interleave=False` for formats that can only put media before the first question."""
-    media_kind = "video" if kind == "video" else "image"
+    k = kind_of(kind)
     pairs = qa_pairs(source_meta)
-    if not pairs and kind == "interleaved" and interleave:
+    if not pairs and k.doc_layout and interleave:
         sequence = document_sequence(doc, media)
         turns = document_turns(sequence) if sequence else None
         if turns:
             return turns
     if not pairs:
-        pairs = [(DESCRIBE[kind], text or "")]
-    leading = tuple(Part(media_kind, media=i) for i in range(len(media)))
+        pairs = [(k.describe, text or "")]
+    leading = tuple(Part(k.part, media=i) for i in range(len(media)))
     turns = []
     for i, (question, answer) in enumerate(pairs):
         turns.append(Turn("user", (leading if i == 0 else ()) + (Part("text", clean_text(question)),)))
@@ -220,6 +216,10 @@ class Sample:
     doc: dict | None
     media_names: tuple[str, ...]
 
+    @property
+    def of_kind(self) -> Kind:
+        return kind_of(self.kind)
+
     def turns(self, interleave: bool = True) -> list[Turn]:
         return conversation(self.kind, self.text, self.source_meta, self.doc, list(self.media_names), interleave)
 
@@ -231,21 +231,15 @@ def build_sample(tier: str, shard: str, key: str, files: dict[str, bytes], row: 
     if row.get("key") != key:
         raise UnsafeSample("the sidecar row's key differs from the tar's")
     kind = row.get("kind")
-    if kind not in DESCRIBE:
-        raise UnsafeSample(f"unknown kind {shown(kind)}")
+    try:
+        k = kind_of(kind)
+    except UnknownKind:
+        raise UnsafeSample(f"unknown kind {shown(kind)}") from None
     names = row.get("media")
     if not isinstance(names, list) or not names:
         raise UnsafeSample("no media listed")
-    if kind != "interleaved" and len(names) != 1:
-        raise UnsafeSample(f"a {kind} sample lists {len(names)} media")
-    if kind == "video":
-        names = [safe(names[0], "media name", VIDEO_MEDIA)]
-        rels = [("video", names[0], f"videos/{tier}/{key}.{names[0]}")]
-    else:
-        for name in names:
-            safe(name, "media name", IMAGE_MEDIA)
-        # an image keeps its real format's extension: <key>.<ext>, a document's <key>_<n>.<ext>
-        rels = [("image", name, f"images/{tier}/{_image_file(key, name)}") for name in names]
+    rels = k.export_media(tier, key, names)  # (part, member, path); names checked against k's media names
+    names = [name for _, name, _ in rels]
     if len({rel for _, _, rel in rels}) != len(rels):
         raise UnsafeSample("two media members map to one file name")
     missing = [name for _, name, _ in rels if not isinstance(files.get(name), bytes)]
@@ -258,11 +252,6 @@ def build_sample(tier: str, shard: str, key: str, files: dict[str, bytes], row: 
                   text=row.get("text") if isinstance(row.get("text"), str) else None,
                   source_meta=row.get("source_meta") if isinstance(row.get("source_meta"), str) else None,
                   doc=row.get("doc") if isinstance(row.get("doc"), dict) else None, media_names=tuple(names))
-
-
-def _image_file(key: str, name: str) -> str:
-    number, dot, ext = name.rpartition(".")
-    return f"{key}_{number}.{ext}" if dot else f"{key}.{name}"
 
 
 def tier_manifest(run_root: Path, tier: str) -> tuple[Path, dict]:

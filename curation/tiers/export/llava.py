@@ -34,10 +34,8 @@ def record(sample: Sample) -> dict:
     turns = sample.turns()
     rels = [sample.media[i].rel for i in media_order(turns)]
     out: dict = {"id": sample.uid}
-    if sample.kind == "video":
-        out["video"] = rels[0]
-    else:
-        out["image"] = rels[0] if sample.kind == "image_text" else rels
+    kind = sample.of_kind  # "image": a path, or a document's list; "video": a path
+    out[kind.part] = rels if kind.multi else rels[0]
     out["conversations"] = [{"from": "human" if t.role == "user" else "gpt", "value": t.text(TOKENS)} for t in turns]
     return out
 
