@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import CurationError
+from ..kinds import kind_of, tier_sample_kind
 from .config import ModelConfig
 from .views import cut_views, image_layout, lm_tokens, to_tensor
 
@@ -42,7 +43,6 @@ USER, ASSISTANT = "User:", "Assistant:"
 DESCRIBE_IMAGE, DESCRIBE_VIDEO = "Describe the image.", "Describe the video."
 TEMPLATE_TEXT = [USER, ASSISTANT, DESCRIBE_IMAGE, DESCRIBE_VIDEO]
 HELD_OUT_MOD = 10
-VIDEO_EXTS = ("mp4", "webm", "mkv", "mov")  # tiers name clips mp4 or webm (curation.media); PyAV reads all
 
 
 def is_held_out(uid: str) -> bool:
@@ -147,34 +147,33 @@ def qa_pairs(source_meta) -> list[dict]:
 
 def decode_sample(raw: dict, frames_per_video: int) -> dict:
     """A raw webdataset sample (bytes per extension) -> text, metadata and PIL images.
-    Only json, txt, jpg/png/webp and mp4/webm clips are decoded, each explicitly."""
+    Only json, txt, jpg/png/webp and mp4/webm clips are decoded, each explicitly; which
+    the sample is (by its members and json) and how its media decode is its kind's
+    (curation.kinds: a clip member makes a video, a doc a document, else one image)."""
     meta = json.loads(raw["json"])
     text = meta.get("caption") or meta.get("text") or raw.get("txt", b"").decode("utf-8")
-    sample = {"uid": meta.get("uid") or raw["__key__"], "kind": meta.get("kind"), "text": text,
+    kind = tier_sample_kind(raw, meta)
+    sample = {"uid": meta.get("uid") or raw["__key__"], "kind": kind.name, "text": text,
               "qa": qa_pairs(meta.get("source_meta")), "doc": None, "images": [], "role": "single"}
-    video = next((e for e in VIDEO_EXTS if e in raw), None)
-    if video is not None:
-        sample.update(kind="video", role="frame", images=decode_video(raw[video], frames_per_video))
-    elif meta.get("kind") == "interleaved" or meta.get("doc"):
-        doc = json.loads(meta["doc"]) if isinstance(meta.get("doc"), str) else meta.get("doc")
-        items = []
-        for item in doc["items"]:
-            if item.get("type") == "image":
-                if item.get("member") in raw:
-                    items.append(("image", len(sample["images"])))
-                    sample["images"].append(_image(raw[item["member"]]))
-            elif item.get("text"):
-                items.append(("text", item["text"]))
-        sample.update(kind="interleaved", role="multi", doc=items)
-    else:
-        ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in raw), None)
-        if ext is None:
-            raise ValueError(f"sample {raw['__key__']} has no image")
-        sample["images"] = [_image(raw[ext])]
+    kind.decode(raw, meta, sample, frames_per_video)
     return sample
 
 
-def _image(data: bytes) -> Image.Image:
+def decode_document(raw: dict, meta: dict, sample: dict) -> None:
+    """A document's images and text items, in its doc's order (images its tar lacks are skipped)."""
+    doc = json.loads(meta["doc"]) if isinstance(meta.get("doc"), str) else meta.get("doc")
+    items = []
+    for item in doc["items"]:
+        if item.get("type") == "image":
+            if item.get("member") in raw:
+                items.append(("image", len(sample["images"])))
+                sample["images"].append(decode_image(raw[item["member"]]))
+        elif item.get("text"):
+            items.append(("text", item["text"]))
+    sample.update(role="multi", doc=items)
+
+
+def decode_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
@@ -194,11 +193,12 @@ def decode_video(data: bytes, count: int) -> list[Image.Image]:
 def conversation(sample: dict, rng: random.Random | None = None) -> list[tuple]:
     """Segments: ("text", str, trains), ("image", index), ("eos",).
     Scene QA turns come before the caption turn, so no answer can be copied from it."""
-    if sample["kind"] == "interleaved":
+    kind = kind_of(sample["kind"])
+    if kind.doc_layout:
         segs = [("image", x[1]) if x[0] == "image" else ("text", x[1] + "\n", True) for x in sample["doc"]]
         return segs + [("eos",)]
     images = [("image", i) for i in range(len(sample["images"]))]
-    if sample["kind"] == "video":
+    if sample["role"] == "frame":  # a clip's frames (the kind's decode set the role)
         return turn([*images, ("text", "\n" + DESCRIBE_VIDEO, False)], sample["text"])
     qa = list(sample["qa"])
     if rng is not None:

@@ -67,7 +67,7 @@ def _questions(model: VLM, plan: dict, limit: int, seed: int = 0) -> list[tuple]
     """(image, question, answer) from held-out scene images, a deterministic sample."""
     found = []
     for _, sample in held_out_samples(eval_sources(plan), model.cfg.frames_per_video):
-        if sample["kind"] == "image_text" and sample["qa"]:
+        if sample["role"] == "single" and sample["qa"]:  # one image (curation.kinds: image_text)
             found += [(sample["images"][0], qa["q"], qa["a"]) for qa in sample["qa"]]
     random.Random(seed).shuffle(found)
     return found[:limit]
