@@ -92,18 +92,14 @@ def crawl(input_path: str | Path, out: str | Path, *, kind: str = "image_text", 
     `options` are the crawl's keyword arguments (curation.crawl.image_text.crawl_image_text,
     curation.crawl.media.crawl_media): url_col, caption_col, source, allow_private,
     allowed_networks, threads, timeout, retries, samples_per_shard, ..."""
-    from .crawl import KINDS
     from .errors import InputError
+    from .kinds import UnknownKind, kind_of
 
-    if kind not in KINDS:
-        raise InputError(f"unknown kind {kind!r}; kinds are {list(KINDS)}")
-    if kind == "image_text":
-        from .crawl.image_text import crawl_image_text
-
-        return crawl_image_text(input_path, out, **options)
-    from .crawl.media import crawl_media
-
-    return crawl_media(kind, input_path, out, **options)
+    try:
+        crawler = kind_of(kind).crawler()  # curation.kinds: each kind names its crawler
+    except UnknownKind as exc:
+        raise InputError(str(exc)) from None
+    return crawler(input_path, out, **options)
 
 
 def connect(root: str | Path) -> "duckdb.DuckDBPyConnection":

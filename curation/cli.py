@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CurationError
+from .kinds import names as kind_names
 
 
 def _print_summary(summary: dict, out: Path, url: str | None = None) -> None:
@@ -58,19 +59,19 @@ def cmd_demo(args) -> None:
 def cmd_crawl(args) -> None:
     from .crawl import ledger_name
 
-    common = dict(url_col=args.url_col, caption_col=args.caption_col, source=args.source,
-                  allow_private=args.allow_private, allowed_networks=tuple(args.allow_network),
-                  threads=args.threads, timeout=args.timeout, retries=args.retries)
-    if args.kind == "image_text":
-        from .crawl.image_text import crawl_image_text
+    import inspect
 
-        ledger = crawl_image_text(args.input, args.out, ray_address=args.ray_address, processes=args.processes,
-                                  samples_per_shard=args.samples_per_shard or 500, **common)
-    else:
-        from .crawl.media import crawl_media
+    from .kinds import kind_of
 
-        ledger = crawl_media(args.kind, args.input, args.out, samples_per_shard=args.samples_per_shard or 100,
-                             require_images=args.require_images, **common)
+    options = dict(url_col=args.url_col, caption_col=args.caption_col, source=args.source,
+                   allow_private=args.allow_private, allowed_networks=tuple(args.allow_network),
+                   threads=args.threads, timeout=args.timeout, retries=args.retries, ray_address=args.ray_address,
+                   processes=args.processes, require_images=args.require_images)
+    if args.samples_per_shard:  # else the kind's crawler's own default (500 image_text, 100 documents/video)
+        options["samples_per_shard"] = args.samples_per_shard
+    crawler = kind_of(args.kind).crawler()
+    takes = inspect.signature(crawler).parameters  # each crawler takes the options that apply to it
+    ledger = crawler(args.input, args.out, **{k: v for k, v in options.items() if k in takes})
     counts = ledger.fillna({"reason": "-"}).groupby(["status", "reason"]).size()
     print(f"\ncrawled {len(ledger)} urls into {args.out}")
     for (status, reason), n in counts.items():
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input", required=True,
                    help="url list (image_text, video: parquet/csv/jsonl/txt) or documents (interleaved: jsonl/parquet)")
     c.add_argument("--out", required=True, help="folder for raw shards")
-    c.add_argument("--kind", default="image_text", choices=["image_text", "interleaved", "video"])
+    c.add_argument("--kind", default="image_text", choices=list(kind_names()))
     c.add_argument("--url-col", help="url column (default: guessed, e.g. url or URL)")
     c.add_argument("--caption-col", help="caption column (default: guessed, e.g. caption or TEXT)")
     c.add_argument("--source", help="source name used in uids (default: the file's stem)")

@@ -2,7 +2,9 @@
 
 Kept import-light: `curate run` needs only these names, not img2dataset."""
 
-KINDS = ("image_text", "interleaved", "video")
+from ..kinds import names
+
+KINDS = names()  # curation.kinds: each kind says how it is crawled
 CRAWL_LEDGER_GLOB = "crawl_ledger-*.parquet"
 
 

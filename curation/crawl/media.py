@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..fsutil import atomic_write_parquet, atomic_write_text
+from ..kinds import INTERLEAVED, VIDEO, is_kind, kind_of
 from ..wds import _tarinfo
 from .documents import SAMPLE_CAPS, read_documents
 from .fetch import FetchPolicy, fetch
@@ -106,7 +107,7 @@ def fetch_document(row: dict, policy: FetchPolicy, require_images: str = "all") 
             members.append(None)
     member_iter = iter(members)
     items = [({**it, "member": next(member_iter)} if it["type"] == "image" else it) for it in doc["items"]]
-    meta = {"uid": row["uid"], "kind": "interleaved", "source": row["source"], "url": row.get("url"),
+    meta = {"uid": row["uid"], "kind": INTERLEAVED.name, "source": row["source"], "url": row.get("url"),
             "doc_id": doc["doc_id"], "items": items, "missing_images": missing, "meta": row.get("meta"),
             "sha256": hashlib.sha256(b"".join(hashlib.sha256(d).digest() for _, d in files)).hexdigest()}
     res = {"status": "kept", "reason": None, "error": None, "transient": False, "files": files,
@@ -156,7 +157,7 @@ def fetch_video(row: dict, policy: FetchPolicy) -> dict:
         return {"status": "failed", "reason": "probe_error", "error": f"{type(exc).__name__}: {exc}", "transient": False,
                 **stamp}
     ext = "webm" if o.data[:4] == b"\x1a\x45\xdf\xa3" else "mp4"
-    meta = {"uid": row["uid"], "kind": "video", "source": row["source"], "url": row["url"],
+    meta = {"uid": row["uid"], "kind": VIDEO.name, "source": row["source"], "url": row["url"],
             "caption": row.get("caption"), "probe": probe, "sha256": hashlib.sha256(o.data).hexdigest(),
             "meta": row.get("meta")}
     return {"status": "kept", "reason": None, "error": None, "transient": False, "files": [(ext, o.data)],
@@ -311,6 +312,22 @@ def _run_round(round_dir: Path, prefix: str, out_dir: Path, fetch_one: Callable[
             writer.abandon()
 
 
+def document_items(input_path, policy: FetchPolicy, source: str | None, require_images: str):
+    """A document crawl's (items, valid, refusals, fetch_one): documents as read_documents
+    reads them, those it refused as refusals."""
+    items = read_documents(input_path, source)
+    valid = items["problem"].isna()
+    refusals = pd.DataFrame({"reason": items["problem_reason"], "error": items["problem"]}, index=items.index)
+    return items, valid, refusals, lambda row: fetch_document(row, policy, require_images)
+
+
+def video_items(input_path, policy: FetchPolicy, url_col: str | None, caption_col: str | None, source: str | None):
+    """A video crawl's (items, valid, refusals, fetch_one): a url list."""
+    items = read_url_list(input_path, url_col=url_col, caption_col=caption_col, source=source)
+    valid = items["url"].map(lambda u: url_problem(u) is None)
+    return items, valid, None, lambda row: fetch_video(row, policy)
+
+
 def crawl_media(kind: str, input_path: str | Path, out_dir: str | Path, *, url_col: str | None = None,
                 caption_col: str | None = None, source: str | None = None, allow_private: bool = False,
                 allowed_networks: tuple[str, ...] = (), threads: int = 16, samples_per_shard: int = 100,
@@ -323,18 +340,10 @@ def crawl_media(kind: str, input_path: str | Path, out_dir: str | Path, *, url_c
     out_dir.mkdir(parents=True, exist_ok=True)
     policy = policy or FetchPolicy(timeout=timeout, retries=retries, allow_private=allow_private,
                                    allowed_networks=tuple(allowed_networks))
-    refusals = None
-    if kind == "interleaved":
-        items = read_documents(input_path, source)
-        valid = items["problem"].isna()
-        refusals = pd.DataFrame({"reason": items["problem_reason"], "error": items["problem"]}, index=items.index)
-        fetch_one = lambda row: fetch_document(row, policy, require_images)  # noqa: E731
-    elif kind == "video":
-        items = read_url_list(input_path, url_col=url_col, caption_col=caption_col, source=source)
-        valid = items["url"].map(lambda u: url_problem(u) is None)
-        fetch_one = lambda row: fetch_video(row, policy)  # noqa: E731
-    else:
+    if not is_kind(kind):
         raise InputError(f"unknown crawl kind {kind!r}")
+    items, valid, refusals, fetch_one = kind_of(kind).crawl_items(  # curation.kinds: which reader and fetch
+        input_path, policy, url_col=url_col, caption_col=caption_col, source=source, require_images=require_images)
     return crawl_in_rounds(items, valid, out_dir, kind,
                            lambda round_dir, prefix: _run_round(round_dir, prefix, out_dir, fetch_one, threads=threads,
                                                                 samples_per_shard=samples_per_shard,

@@ -35,6 +35,7 @@ import pandas as pd
 from PIL import Image
 
 from ..errors import ConfigError
+from ..kinds import kind_of
 from ._media import row_image, video_bytes_of
 from .base import MapOp, Resources, describe_error, register
 from .frames import with_fallback
@@ -203,7 +204,7 @@ class Caption(MapOp):
         for idx, row in live.iterrows():
             try:
                 prompt = self.prompt_for(row)
-                if row["kind"] == "video":
+                if kind_of(row["kind"]).part == "video":  # a clip: one caption per scene
                     spans, times, frames = _scene_frames(video_bytes_of(row), row.get("scenes"))
                     scenes[idx] = (spans, times)
                     jobs += [(idx, f, prompt) for f in frames]

@@ -28,7 +28,6 @@ from .base import MapOp, register
 # per-sample drop that still records the size its header claimed.
 Image.MAX_IMAGE_PIXELS = None
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 THUMBNAIL_SIDE = 512  # long side of the decoded copy kept in `_image` for the fused operators
 
 
