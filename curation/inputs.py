@@ -179,6 +179,14 @@ class InputOptions:
     def columns(self) -> dict:
         return {k: getattr(self, k) for k in COLUMN_OPTIONS if getattr(self, k) is not None}
 
+    @classmethod
+    def from_record(cls, record: dict) -> "InputOptions":
+        """The options that read an input again as run.json's `input_options` recorded it
+        (RawInput.options: the format found, in ShardRef.format's names)."""
+        found = {v: k for k, v in INPUT_FORMATS.items()}
+        fields = {k: record.get(k) for k in COLUMN_OPTIONS}
+        return cls(format=found.get(record.get("format"), "auto"), **fields)
+
 
 @dataclass(frozen=True)
 class RawInput:
@@ -751,3 +759,29 @@ def open_listing(ref: ShardRef):
     if not os.path.isfile(url):
         return None
     return open(url, "rb")
+
+
+# --------------------------------------------------------------- a finished run's input
+def raw_shards_at_hand(run_root: str | os.PathLike) -> tuple[dict[str, ShardRef], str, str]:
+    """({raw shard name: ShardRef}, source, note) for the raw shards a finished run read,
+    as its `_work/run.json` recorded them (input, input options, names and sizes), when
+    they are still where they were: the report's thumbnails and `curate browse` show
+    dropped and failed samples from them. Only shards with the recorded name and size
+    count. An object store input is never listed from here (a report or a page view
+    does not reach the network); note says why nothing is at hand."""
+    try:
+        run = json.loads((Path(run_root) / "_work" / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}, "", "the run's _work/run.json is gone: raw shards unknown"
+    spec, sizes = run.get("input"), run.get("raw_shards")
+    if not isinstance(spec, str) or not isinstance(sizes, dict):
+        return {}, "", "run.json names no input"
+    if spec.startswith("s3://"):
+        return {}, "", "the raw shards are in an object store: not read from here"
+    options = run.get("input_options")  # how the run read it (format, named columns)
+    try:
+        raw = resolve_input(spec, InputOptions.from_record(options) if isinstance(options, dict) else None)
+    except (InputError, OSError, TypeError, ValueError) as exc:
+        return {}, "", f"raw shards not at hand ({' '.join(str(exc).split())[:200]})"
+    refs = {r.name: r for r in raw.shards if not r.remote and sizes.get(r.name) == r.size}
+    return refs, raw.source, "" if refs else "the recorded raw shards are not where the run read them"

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from curation.inputs import raw_shards_at_hand
+
 from curation.report import html as report
 from curation.report import sql, thumbs
 from tests.chromium import chromium_page
@@ -108,13 +110,16 @@ def test_raw_shards_at_hand_only_when_they_are_the_recorded_ones(tmp_path):
     raw.mkdir()
     (raw / "a.tar").write_bytes(b"\0" * 1024)
     (raw / "b.tar").write_bytes(b"\0" * 2048)
-    (run / "_work" / "run.json").write_text(json.dumps({"input": str(raw), "raw_shards": {"a.tar": 1024, "b.tar": 99}}))
-    refs, source = thumbs.raw_shards_at_hand(run)
-    assert set(refs) == {"a.tar"} and source == "raw"  # b.tar changed size: another shard now
+    # input_options as the runner records them: the format found ("tar"), not the CLI's name
+    (run / "_work" / "run.json").write_text(json.dumps({"input": str(raw), "raw_shards": {"a.tar": 1024, "b.tar": 99},
+                                                        "input_options": {"format": "tar", "image_column": None}}))
+    refs, source, note = raw_shards_at_hand(run)
+    assert set(refs) == {"a.tar"} and source == "raw" and note == ""  # b.tar changed size: another shard now
     (run / "_work" / "run.json").write_text(json.dumps({"input": str(tmp_path / "gone"), "raw_shards": {"a.tar": 1024}}))
-    assert thumbs.raw_shards_at_hand(run) == ({}, "")
+    assert raw_shards_at_hand(run)[:2] == ({}, "")
     (run / "_work" / "run.json").write_text(json.dumps({"input": "s3://bucket/raw/", "raw_shards": {}}))
-    assert thumbs.raw_shards_at_hand(run) == ({}, "")  # never the network from a report
+    refs, _, note = raw_shards_at_hand(run)
+    assert refs == {} and "object store" in note  # never the network from a report or a page
 
 
 def test_training_runs_are_found_by_their_plan(tmp_path):

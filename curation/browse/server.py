@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..catalog import connect, find_run_root, shards_frame
 from ..errors import CurationError
+from ..inputs import raw_shards_at_hand
 from . import query as q
 from .tarindex import IMAGE_EXTS, VIDEO_EXTS, IndexCache, Member, content_type, read_range, servable
 
@@ -168,22 +169,9 @@ class Browser:
             return self._raw
 
     def _find_raw(self) -> tuple[dict[str, Path], str]:
-        from ..inputs import resolve_input
-
-        try:
-            info = json.loads((self.run_root / "_work" / "run.json").read_text())
-        except (OSError, ValueError):
-            return {}, "the run's _work/run.json is gone: raw shards unknown"
-        spec, names = info.get("input"), info.get("raw_shards")
-        if not isinstance(spec, str) or not isinstance(names, dict):
-            return {}, "run.json names no input"
-        if spec.startswith("s3://"):
-            return {}, "the raw shards are in an object store: not served"
-        try:
-            refs = resolve_input(spec).shards
-        except (CurationError, OSError) as exc:
-            return {}, f"raw shards not at hand ({q.first_line(exc)})"
-        return {r.name: Path(r.url) for r in refs if not r.remote and r.name in names}, ""
+        refs, _, note = raw_shards_at_hand(self.run_root)
+        # Media are served by offset out of plain local tars; other raw formats show none.
+        return {name: Path(r.url) for name, r in refs.items() if r.format == "tar"}, note
 
     def _raw_members(self, ledger: dict) -> tuple[list[str], str]:
         shard, key = ledger.get("raw_shard"), ledger.get("raw_key")

@@ -26,6 +26,7 @@ from pathlib import Path
 import duckdb
 
 from .. import rawshards
+from ..inputs import raw_shards_at_hand
 from ..media import open_image, probe_video, thumbnail
 
 THUMB_SIDE = 128          # pixels, longest side
@@ -185,24 +186,6 @@ def kept_tiles(con: duckdb.DuckDBPyConnection, run_root: Path, seed: int,
     return out
 
 
-def raw_shards_at_hand(run_root: Path) -> tuple[dict, str]:
-    """({raw shard name: ShardRef}, source) for a local input still holding the shards
-    run.json recorded (same names and sizes); ({}, "") otherwise."""
-    from ..inputs import InputOptions, resolve_input
-
-    try:
-        run = json.loads((run_root / "_work" / "run.json").read_text())
-        spec, sizes = run.get("input"), run.get("raw_shards") or {}
-        if not isinstance(spec, str) or spec.startswith("s3://") or not isinstance(sizes, dict):
-            return {}, ""
-        options = run.get("input_options")  # how the run read it (format, named columns)
-        raw = resolve_input(spec, InputOptions(**options) if isinstance(options, dict) else None)
-    except Exception:  # gone, moved, or unreadable: the report goes on without them
-        return {}, ""
-    refs = {r.name: r for r in raw.shards if sizes.get(r.name) == r.size}
-    return refs, raw.source
-
-
 def dropped_tiles(con: duckdb.DuckDBPyConnection, run_root: Path, seed: int, per_group: int = PER_GROUP,
                   max_raw_shards: int = MAX_RAW_SHARDS) -> dict[tuple[str, str], list[Tile]]:
     """{(status, reason): tiles} of seeded random dropped and failed samples per reason."""
@@ -221,7 +204,7 @@ def dropped_tiles(con: duckdb.DuckDBPyConnection, run_root: Path, seed: int, per
     for _, _, _, shard, key, _, _ in rows:
         if shard is not None and key is not None:
             wanted.setdefault(shard, set()).add(key)
-    refs, source = raw_shards_at_hand(run_root) if wanted else ({}, "")
+    refs, source, _ = raw_shards_at_hand(run_root) if wanted else ({}, "", "")
     # The shards most groups need first; the rest are not read.
     order = sorted((s for s in wanted if s in refs), key=lambda s: -sum(1 for r in rows if r[3] == s))
     read = {}
