@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import CurationError
+from .errors import CurationError, InputError
 from .kinds import names as kind_names
 
 
@@ -442,11 +442,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands whose output option is a local path only (run and export also take s3://).
+LOCAL_OUTPUTS = {"demo": "out", "crawl": "out", "train-filter": "out", "train-captioner": "out", "report": "out",
+                 "plan": "out", "query": "output"}
+
+
+def _refuse_url_output(args) -> None:
+    """An s3:// (or any scheme://) output given to a command that writes locally would
+    become a folder named "s3:"; say so instead."""
+    from .publish import url_scheme
+
+    option = LOCAL_OUTPUTS.get(args.command)
+    value = getattr(args, option, None) if option else None
+    if value and url_scheme(value):
+        raise InputError(f"--{option} {value}: curate {args.command} writes to a local path; object storage is for "
+                         "`curate run --out s3://...` and `curate export --out s3://...` (or write locally and copy)")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
     args = build_parser().parse_args(argv)
     try:
+        _refuse_url_output(args)
         status = args.func(args)
     except CurationError as exc:
         one_line = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation import publish
+from curation.cli import main
 from curation.errors import ConfigError, CurationError, InputError
 
 URL = "s3://bkt/runs/one"
@@ -276,3 +277,16 @@ def check_published_run(filesystem, proc, args: tuple, stage: Path, url: str, tm
                if p.is_file() and not p.name.startswith(".")}
     assert result["records"] > 0 and result["published"]["uploaded"] == len(written) > result["records"]
     assert remote(filesystem, "s3://bkt/exports/x") == local_files(tmp_path / "exp", written)
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--out", "s3://bkt/demo"],
+    ["crawl", "--kind", "image_text", "--input", "urls.parquet", "--out", "s3://bkt/raw"],
+    ["report", "--root", "somewhere", "--out", "s3://bkt/report.html"],
+])
+def test_commands_that_write_locally_refuse_an_object_store_output(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("curate: error: --out s3://") and "writes to a local path" in err
+    assert not list(tmp_path.iterdir())  # no folder named "s3:"
