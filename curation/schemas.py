@@ -170,10 +170,19 @@ def py_value(value: Any, arrow_type: pa.DataType) -> Any:
         return None
     if isinstance(arrow_type, pa.ExtensionType):
         arrow_type = arrow_type.storage_type
+    # A value of the wrong shape (JSON text where a map or list belongs, from an old
+    # writer or a user's operator) is returned as is: validation names the column.
     if pa.types.is_map(arrow_type):
-        pairs = value.items() if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            pairs = value.items()
+        elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            pairs = value
+        else:
+            return value
         return {k: py_value(v, arrow_type.item_type) for k, v in pairs}
     if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        if isinstance(value, (str, bytes, dict)):
+            return value
         return [py_value(v, arrow_type.value_type) for v in value]
     if pa.types.is_struct(arrow_type) and isinstance(value, dict):
         return {f.name: py_value(value.get(f.name), f.type) for f in arrow_type}

@@ -120,7 +120,7 @@ def test_declared_columns_extend_only_this_runs_sidecar_contract():
     assert schemas.arrow_schema("sidecar").names == list(schemas.load("sidecar")["properties"])
     row = {"uid": "0123456789abcdef", "kind": "image_text", "source": "s", "status": "kept", "tier": "t",
            "shard": "t-000000.tar", "key": "k", "sha256": "a" * 64, "width": 4, "height": 4, "pipeline": "p",
-           "config_hash": "b" * 16, "op_versions": "{}", "green_share": 0.5, "green_pixels": None}
+           "config_hash": "b" * 16, "op_versions": {}, "green_share": 0.5, "green_pixels": None}
     assert schemas.to_table("sidecar", [row], cfg.declared_columns).column("green_share").to_pylist() == [0.5]
     with pytest.raises(schemas.SchemaViolation, match="green_share"):
         schemas.validate_rows("sidecar", [{**row, "green_share": "high"}], cfg.declared_columns)
