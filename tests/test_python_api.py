@@ -40,6 +40,7 @@ class GreenShare(MapOp):
     name = "test_green_share"
     outputs = {"green_share": "float", "green_pixels": "int"}
     kinds = ("image_text",)
+    reasons = ("too_green",)  # the report's funnel places its drops at this operator
 
     @dataclasses.dataclass
     class Params:
@@ -241,6 +242,7 @@ class GreenShare(MapOp):
     name = "green_share"
     outputs = {"green_share": "float", "green_pixels": "int"}
     kinds = ("image_text",)
+    reasons = ("too_green",)
     fusable = False  # its own actor pool: the columns cross into the next stage as Arrow
 
     @dataclasses.dataclass

@@ -96,7 +96,8 @@ def test_every_reason_an_operator_gives_is_declared():
     from curation.ops.base import registry
 
     ops = registry()
-    for module in {inspect.getmodule(cls) for cls in ops.values()}:
+    # The package's operators (other tests register operators of their own in this process)
+    for module in {inspect.getmodule(cls) for cls in ops.values() if cls.__module__.startswith("curation.")}:
         declared = {r for cls in ops.values() if inspect.getmodule(cls) is module for r in cls.reasons}
         names = {cls.name for cls in ops.values() if inspect.getmodule(cls) is module}
         undeclared = {r for r in _literal_reasons(module) - declared if r not in {f"{n}_error" for n in names}}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import sys
 import threading
@@ -384,6 +385,14 @@ def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
     except OSError as exc:
         raise CurationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     print(f"curate browse: {server.url}  (Ctrl-C stops it)", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM stop it, also when started from a shell that ignores SIGINT in
+    # background jobs (Python then installs no KeyboardInterrupt handler of its own).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
