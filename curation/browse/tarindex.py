@@ -30,8 +30,9 @@ CONTENT_TYPES = {
     "mp4": "video/mp4", "webm": "video/webm", "mkv": "video/x-matroska", "mov": "video/quicktime",
     "txt": "text/plain; charset=utf-8", "caption": "text/plain; charset=utf-8", "json": "application/json",
 }
-IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif"})
-VIDEO_EXTS = frozenset({"mp4", "webm", "mkv", "mov"})
+# Derived from the one table above, so what is served as an image or a video cannot disagree with it.
+IMAGE_EXTS = frozenset(e for e, t in CONTENT_TYPES.items() if t.startswith("image/"))
+VIDEO_EXTS = frozenset(e for e, t in CONTENT_TYPES.items() if t.startswith("video/"))
 # What a member is called in a URL: "jpg", "0.png", "mp4" (the part after the sample's key).
 MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}(?:\.[A-Za-z0-9_-]{1,63}){0,3}\Z")
 MAX_MEMBERS = 200_000  # a shard holding more is indexed this far
