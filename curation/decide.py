@@ -171,11 +171,7 @@ def near_pairs_sql(con: duckdb.DuckDBPyConnection, hashes: str, max_hamming: int
     con.execute("CREATE OR REPLACE TEMP TABLE _pairs (a BIGINT, b BIGINT)")
     if n < 2:
         return "_pairs"
-    blocks, take = block_scheme(max_hamming, n)
-    for chosen in combinations(blocks, take):
-        mask = 0
-        for lo, hi in chosen:
-            mask |= ((1 << (hi - lo)) - 1) << lo
+    for mask in block_masks(max_hamming, n):
         con.execute(f"""
             INSERT INTO _pairs
             SELECT x.hid, y.hid FROM {hashes} x JOIN {hashes} y
@@ -183,6 +179,36 @@ def near_pairs_sql(con: duckdb.DuckDBPyConnection, hashes: str, max_hamming: int
             WHERE bit_count(xor(x.h, y.h)) <= {max_hamming}""")
     con.execute("CREATE OR REPLACE TEMP TABLE _pairs AS SELECT DISTINCT a, b FROM _pairs")
     return "_pairs"
+
+
+def block_masks(max_hamming: int, n: int) -> list[int]:
+    """One 64-bit mask per equality join of block_scheme: hashes within max_hamming
+    bits agree under at least one of them."""
+    blocks, take = block_scheme(max_hamming, n)
+    masks = []
+    for chosen in combinations(blocks, take):
+        mask = 0
+        for lo, hi in chosen:
+            mask |= ((1 << (hi - lo)) - 1) << lo
+        masks.append(mask)
+    return masks
+
+
+def near_pairs_across_sql(con: duckdb.DuckDBPyConnection, left: str, right: str, max_hamming: int) -> str:
+    """Fill temp table _cross_pairs(a, b) with every pair of a row of `left` and a row
+    of `right` (columns hid, h UBIGINT) within max_hamming bits: the same banded
+    equality joins as near_pairs_sql, out of core in DuckDB."""
+    n = max(con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in (left, right))
+    con.execute("CREATE OR REPLACE TEMP TABLE _cross_pairs (a BIGINT, b BIGINT)")
+    if n < 1:
+        return "_cross_pairs"
+    for mask in block_masks(max_hamming, n):
+        con.execute(f"""
+            INSERT INTO _cross_pairs
+            SELECT x.hid, y.hid FROM {left} x JOIN {right} y ON (x.h & {mask}::UBIGINT) = (y.h & {mask}::UBIGINT)
+            WHERE bit_count(xor(x.h, y.h)) <= {max_hamming}""")
+    con.execute("CREATE OR REPLACE TEMP TABLE _cross_pairs AS SELECT DISTINCT a, b FROM _cross_pairs")
+    return "_cross_pairs"
 
 
 def star_claims(a: np.ndarray, b: np.ndarray) -> dict[int, int]:
@@ -441,11 +467,14 @@ def apply_global_ops(frame, ops: list, seed: int = 0, binary_columns: tuple[str,
         con = duckdb.connect()
         columns = load_samples(con, [part], binary_columns)
         ctx = DecideContext(con, [part], Path(tmp), seed, serial_map, columns)
+        before = set(columns)
         for op in ops:
             op.decide(ctx)
-        out = con.execute("SELECT uid, status, reason, dup_of FROM samples").df().set_index("uid")
+        # decisions, plus the ledger columns an operator added (decontaminate's contaminated_by)
+        wanted = ["status", "reason", "dup_of", *sorted(c for c in set(ctx.columns) - before if c in schemas.columns("ledger"))]
+        out = con.execute(f"SELECT uid, {', '.join(wanted)} FROM samples").df().set_index("uid")
     result = frame.set_index("uid")
-    result[["status", "reason", "dup_of"]] = out.loc[result.index, ["status", "reason", "dup_of"]].astype(object)
+    result[wanted] = out.loc[result.index, wanted].astype(object)
     return result.reset_index().astype(object).where(lambda f: f.notna(), None)
 
 
