@@ -34,11 +34,13 @@ from .errors import AccountingError
 from .fsutil import atomic_write_parquet, atomic_write_text
 from .ids import seeded_rank
 from .ops.clip import EMBEDDING_COLUMN
+from .ops.clips import CLIP_BYTES_COLUMN, NUM_CLIPS_COLUMN
 from .tiers import routing
 
-INT_COLUMNS = ("width", "height", "num_bytes", "num_images", "num_frames")
-# Working columns that are bytes, never sidecar columns: media, and embeddings (saved as .npy).
-BINARY_COLUMNS = ("image_bytes", EMBEDDING_COLUMN)
+INT_COLUMNS = ("width", "height", "num_bytes", "num_images", "num_frames", NUM_CLIPS_COLUMN)
+# Working columns that are bytes, never sidecar columns: media, embeddings (saved as
+# .npy), and a derived sample's media (in no raw shard: stage C takes them from the parts).
+BINARY_COLUMNS = ("image_bytes", EMBEDDING_COLUMN, CLIP_BYTES_COLUMN)
 # What media.tier_members tells about the tier's copy of the media (kept through stage A).
 MEDIA_COLUMNS = ("image_format", "source_format", "conversion")
 READ_BLOCK_ROWS = 64  # rows per block out of a raw shard: enough blocks to keep every actor busy
@@ -56,6 +58,8 @@ def stage_schema(columns: list[str], declared: schemas.Declared = ()) -> pa.Sche
             fields.append(pa.field(col, pa.binary()))
         elif col in sidecar.names:
             fields.append(sidecar.field(col))
+        elif col in INT_COLUMNS:
+            fields.append(pa.field(col, pa.int64()))
         else:
             fields.append(pa.field(col, pa.string()))
     return pa.schema(fields)
@@ -131,7 +135,14 @@ def fuse(specs: tuple[OpSpec, ...]) -> list[list[OpSpec]]:
 def write_parts(batch: pa.Table, parts_root: str, tiers, seed: int, declared: schemas.Declared = ()) -> pa.Table:
     """Last task of stage A: route the batch's kept rows to tiers, give every row its
     seeded tier-order rank, and write one part per raw shard in the batch. Returns
-    only (raw_shard, part, rows) for the driver."""
+    only (raw_shard, part, rows, derived, derived_expected) for the driver: input rows,
+    derived rows (video clips) written, and derived rows its inputs announced."""
+    if "parent_uid" in batch.column_names:  # a kept derived sample's media are in no raw shard: they go in the part
+        import pyarrow.compute as pc
+
+        carry = pc.and_(pc.is_valid(batch["parent_uid"]), pc.equal(batch["status"], "kept"))
+        batch = batch.append_column(CLIP_BYTES_COLUMN, pc.if_else(carry, batch["image_bytes"].cast(pa.binary()),
+                                                                  pa.scalar(None, pa.binary())))
     frame = schemas.plain_columns(batch.drop_columns([c for c in ("image_bytes",) if c in batch.column_names]).to_pandas(),
                                   "sidecar", declared)
     frame["tier_rank"] = [seeded_rank(seed, u) for u in frame["uid"]]
@@ -146,7 +157,7 @@ def write_parts(batch: pa.Table, parts_root: str, tiers, seed: int, declared: sc
             frame.loc[idx, "status"] = "failed"
             frame.loc[idx, "reason"] = "routing_error"
             frame.loc[idx, "error"] = errors[bad]
-    out = {"raw_shard": [], "part": [], "rows": []}
+    out = {"raw_shard": [], "part": [], "rows": [], "derived": [], "derived_expected": []}
     for name, part in frame.groupby("raw_shard", sort=False):
         folder = Path(parts_root) / Path(name).stem
         folder.mkdir(parents=True, exist_ok=True)
@@ -156,9 +167,13 @@ def write_parts(batch: pa.Table, parts_root: str, tiers, seed: int, declared: sc
         atomic_write_parquet(table, path)
         out["raw_shard"].append(name)
         out["part"].append(path.name)
-        out["rows"].append(len(part))
+        derived = part["parent_uid"].notna() if "parent_uid" in part.columns else pd.Series(False, index=part.index)
+        out["rows"].append(int((~derived).sum()))
+        out["derived"].append(int(derived.sum()))
+        announced = part.loc[~derived, NUM_CLIPS_COLUMN] if NUM_CLIPS_COLUMN in part.columns else pd.Series([], dtype=float)
+        out["derived_expected"].append(int(announced.fillna(0).sum()))
     return pa.table({"raw_shard": pa.array(out["raw_shard"], pa.string()), "part": pa.array(out["part"], pa.string()),
-                     "rows": pa.array(out["rows"], pa.int64())})
+                     **{c: pa.array(out[c], pa.int64()) for c in ("rows", "derived", "derived_expected")}})
 
 
 def marker_path(annotated: Path, raw_shard) -> Path:
@@ -295,14 +310,20 @@ def _batches(ds, planned_cpus: float, cpus_now, stall_s: float) -> Iterator[pa.T
 def _collect(ds, counts: dict[str, int], annotated: Path, bar, planned_cpus: float = 0.0, cpus_now=None,
              stall_s: float = STALL_SECONDS) -> None:
     """The driver's whole share of stage A: count acknowledged rows per raw shard and
-    commit a shard once all of its samples are in parts."""
+    commit a shard once all of its samples, and every sample derived from them (video
+    clips, which Ray may write in another part than their parent), are in parts."""
     acked: dict[str, list[str]] = defaultdict(list)
     got: dict[str, int] = defaultdict(int)
+    derived: dict[str, int] = defaultdict(int)  # derived rows written minus announced
     for batch in _batches(ds, planned_cpus, cpus_now or (lambda: planned_cpus), stall_s):
-        for name, part, n in zip(*(batch.column(c).to_pylist() for c in ("raw_shard", "part", "rows"))):
+        zeros = [0] * batch.num_rows
+        columns = [batch.column(c).to_pylist() if c in batch.column_names else zeros
+                   for c in ("raw_shard", "part", "rows", "derived", "derived_expected")]
+        for name, part, n, made, announced in zip(*columns):
             acked[name].append(part)
             got[name] += n
-            if got[name] == counts[name]:
+            derived[name] += made - announced
+            if got[name] == counts[name] and derived[name] == 0:
                 _commit(annotated, name, acked.pop(name), got[name])
             elif got[name] > counts[name]:
                 raise AccountingError(f"raw shard {name}: got {got[name]} rows back for {counts[name]} samples")

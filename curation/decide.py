@@ -314,7 +314,8 @@ class Decision:
 
     folder: Path
     shards: list[dict]  # shard_id, tier, name, samples, bytes (media)
-    counts: dict[str, int]
+    counts: dict[str, int]  # inputs by status: they add up to the raw samples
+    derived: dict[str, int] = field(default_factory=dict)  # samples the run made (video clips), by status
 
     @property
     def picks(self) -> Path:
@@ -346,10 +347,18 @@ _DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTE
                  pa.bool_(): "BOOLEAN", pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ"}
 
 
+def duckdb_type(arrow_type: pa.DataType) -> str:
+    if pa.types.is_list(arrow_type):
+        return f"{duckdb_type(arrow_type.value_type)}[]"
+    if pa.types.is_struct(arrow_type):
+        return "STRUCT(" + ", ".join(f'"{f.name}" {duckdb_type(f.type)}' for f in arrow_type) + ")"
+    return _DUCKDB_TYPES[arrow_type]
+
+
 def ledger_null(col: str) -> str:
     """A null of the ledger column's type: ledgers without the column (a crawl by an
     older version, the curate rows' fetch columns) union with those that have it."""
-    return f"CAST(NULL AS {_DUCKDB_TYPES[schemas.arrow_schema('ledger').field(col).type]})"
+    return f"CAST(NULL AS {duckdb_type(schemas.arrow_schema('ledger').field(col).type)})"
 
 
 def export(con: duckdb.DuckDBPyConnection, folder: Path, raw_names: list[str], lineage: dict[str, str],
@@ -389,9 +398,15 @@ def export(con: duckdb.DuckDBPyConnection, folder: Path, raw_names: list[str], l
                     TO {sql_str(str(folder / 'ledger.parquet'))} (FORMAT parquet)""")
     shards = [dict(zip(("shard_id", "tier", "name", "samples", "bytes"), r))
               for r in con.execute("SELECT shard_id, tier, name, samples, bytes FROM shards ORDER BY shard_id").fetchall()]
-    counts = dict(con.execute("SELECT status, count(*) FROM samples GROUP BY status").fetchall())
-    decision = Decision(folder, shards, {k: int(v) for k, v in counts.items()})
-    atomic_write_text(folder / "shards.json", json.dumps({"shards": shards, "counts": decision.counts}, indent=1) + "\n")
+    # Inputs and the samples derived from them (parent_uid set) are counted apart, so
+    # that inputs = kept + dropped + failed still holds.
+    derived = "parent_uid IS NOT NULL" if "parent_uid" in present else "false"
+    counts = {(d, k): int(v) for d, k, v in con.execute(
+        f"SELECT {derived} AS d, status, count(*) FROM samples GROUP BY ALL ORDER BY ALL").fetchall()}
+    decision = Decision(folder, shards, {k: v for (d, k), v in counts.items() if not d},
+                        {k: v for (d, k), v in counts.items() if d})
+    doc = {"shards": shards, "counts": decision.counts, **({"derived": decision.derived} if decision.derived else {})}
+    atomic_write_text(folder / "shards.json", json.dumps(doc, indent=1) + "\n")
     return decision
 
 
@@ -400,7 +415,7 @@ def load_decision(folder: Path) -> Decision | None:
     if not done.exists():
         return None
     doc = json.loads(done.read_text())
-    return Decision(folder, doc["shards"], doc["counts"])
+    return Decision(folder, doc["shards"], doc["counts"], doc.get("derived", {}))
 
 
 @contextlib.contextmanager
@@ -489,7 +504,8 @@ def finalize_ledger(curate_ledger: Path, crawl_ledgers: list[Path], out: Path, b
     """The run's ledger: crawl rows that never reached a raw shard, plus every curated
     row, ordered by uid, checked against the contract batch by batch (streamed: memory
     is one batch plus DuckDB's sort within its limit, spilling beside `out`). The
-    crawl's kept uids must be exactly the curated ones."""
+    crawl's kept uids must be exactly the curated inputs (derived rows, with parent_uid,
+    were never crawled)."""
     con = duckdb.connect()
     con.execute(f"SET memory_limit = {sql_str(memory_limit)}")
     con.execute(f"SET temp_directory = {sql_str(str(out.parent / '_work' / 'ledger.tmp'))}")
@@ -500,7 +516,7 @@ def finalize_ledger(curate_ledger: Path, crawl_ledgers: list[Path], out: Path, b
         crawl = f"read_parquet({sql_list(crawl_ledgers)}, union_by_name = true)"
         unknown, missing = con.execute(f"""SELECT
             (SELECT count(*) FROM (SELECT uid FROM {cur} WHERE reason IS DISTINCT FROM 'duplicate_uid'
-                                   EXCEPT SELECT uid FROM {crawl} WHERE status = 'kept')),
+                                   AND parent_uid IS NULL EXCEPT SELECT uid FROM {crawl} WHERE status = 'kept')),
             (SELECT count(*) FROM (SELECT uid FROM {crawl} WHERE status = 'kept' EXCEPT SELECT uid FROM {cur}))""").fetchall()[0]
         if unknown or missing:
             raise AccountingError(f"raw shards and the crawl ledger disagree: {unknown} curated samples the crawl did not keep, "

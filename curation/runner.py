@@ -229,6 +229,7 @@ def _run(cfg: PipelineConfig, raw_input: str, out: Path, ray_address: str | None
         "raw_samples": n_raw,
         "raw_bytes": sum(max(p.size, 0) for p in shards),
         "curate": decision.counts,
+        **({"derived": decision.derived} if decision.derived else {}),  # video clips, by status (not inputs)
         "ledger_rows": n_ledger,
         "by_stage_status_reason": stage_b.summary_rows([out / "ledger.parquet"]),
         "tiers": {t: {"samples": m["num_samples"], "shards": len(m["shards"]), "bytes": m["num_bytes"]} for t, m in manifests.items()},

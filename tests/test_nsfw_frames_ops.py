@@ -142,4 +142,4 @@ def test_frames_options_are_checked():
     with pytest.raises(ConfigError, match="backend"):
         VideoFrames.parse_params({"backend": "opencv"}, "p.yaml: ops[5]")
     with pytest.raises(ConfigError, match="unknown option"):
-        VideoFrames.parse_params({"fps": 2}, "p.yaml: ops[5]")
+        VideoFrames.parse_params({"frame_rate": 2}, "p.yaml: ops[5]")

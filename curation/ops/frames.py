@@ -1,8 +1,11 @@
 """Video frames: sample frames from each clip and split it into scenes.
 
 Sampling is `uniform` (max_frames frames evenly spread over the clip, each taken from
-the middle of its 1/max_frames slice) or `keyframe` (the encoder's keyframes, thinned
-evenly to max_frames). Scene splitting compares consecutive sampled frames by colour
+the middle of its 1/max_frames slice), `fps` (`fps` frames per second of video, at the
+middle of each 1/fps interval, so a clip's frame count follows its length; Apollo,
+arXiv 2412.10360, found this better than a fixed count; a clip longer than
+max_frames / fps gets max_frames frames spread evenly) or `keyframe` (the encoder's
+keyframes, thinned evenly to max_frames). Scene splitting compares consecutive sampled frames by colour
 histogram: half the L1 distance between the two normalised histograms, a number in
 [0, 1] (0 = same colours, 1 = no colour in common). Above `scene_threshold` the clip
 is cut halfway between the two frames, so a cut is placed to within half a sampling
@@ -35,7 +38,7 @@ from ._media import video_bytes_of
 from .base import MapOp, Resources, describe_error, register
 
 BACKENDS = ("auto", "decord", "pyav")
-SAMPLING = ("uniform", "keyframe")
+SAMPLING = ("uniform", "fps", "keyframe")
 
 
 class DecordVideo:
@@ -109,8 +112,18 @@ def with_fallback(data: bytes, backend: str, work):
         return work(open_video(data, "pyav"))
 
 
-def sample_indices(n_frames: int, key_indices: list[int], sampling: str, max_frames: int) -> list[int]:
-    """Frame indices to sample, ascending and distinct."""
+def sample_indices(times, key_indices: list[int], sampling: str, max_frames: int, fps: float = 1.0,
+                   end: float | None = None) -> list[int]:
+    """Frame indices to sample, ascending and distinct. `times`: each frame's start in
+    seconds (presentation order); `end`: the clip's end (default: the last frame's start)."""
+    n_frames = len(times)
+    if sampling == "fps" and n_frames:
+        end = float(times[-1]) if end is None else end
+        wanted = max(1, min(max_frames, int(end * fps)))  # at least one frame, even for a clip under 1/fps
+        targets = [(i + 0.5) * end / wanted for i in range(wanted)]
+        # The frame showing at each target time: the last one that starts at or before it.
+        picked = [max(0, int(np.searchsorted(times, t, side="right")) - 1) for t in targets]
+        return sorted(set(picked))
     pool = key_indices if sampling == "keyframe" and key_indices else list(range(n_frames))
     k = min(max_frames, len(pool))
     return [pool[int((i + 0.5) * len(pool) / k)] for i in range(k)]
@@ -149,6 +162,7 @@ class VideoFrames(MapOp):
     class Params:
         sampling: str = "uniform"
         max_frames: int = 8
+        fps: float = 1.0  # frames per second of video, for sampling: fps
         scene_threshold: float = 0.3
         backend: str = "auto"
 
@@ -158,6 +172,8 @@ class VideoFrames(MapOp):
             raise ConfigError(f"{where} (video_frames): sampling must be one of {list(SAMPLING)}")
         if params.backend not in BACKENDS:
             raise ConfigError(f"{where} (video_frames): backend must be one of {list(BACKENDS)}")
+        if not params.fps > 0:
+            raise ConfigError(f"{where} (video_frames): fps must be > 0")
         if params.max_frames < 1 or not 0 <= params.scene_threshold <= 1:
             raise ConfigError(f"{where} (video_frames): need max_frames >= 1 and 0 <= scene_threshold <= 1")
 
@@ -167,7 +183,8 @@ class VideoFrames(MapOp):
             import decord  # noqa: F401
 
     def _analyse(self, video) -> tuple[list[float], list[list[float]], str]:
-        picked = sample_indices(len(video.times), video.key_indices, self.params.sampling, self.params.max_frames)
+        picked = sample_indices(video.times, video.key_indices, self.params.sampling, self.params.max_frames,
+                                self.params.fps, video.end)
         times = [round(float(video.times[i]), 3) for i in picked]
         scenes = split_scenes(times, video.frames(picked), video.end, self.params.scene_threshold)
         return times, scenes, video.backend

@@ -28,6 +28,7 @@ from ..decide import Decision, sql_str
 from ..errors import NO_SPACE_ERRNOS, DiskFullError
 from ..fsutil import atomic_write_text
 from ..ops.clip import EMBEDDING_COLUMN
+from ..ops.clips import CLIP_BYTES_COLUMN
 from ..rawshards import as_shard
 from .card import write_card
 from .writer import write_manifest, write_shard
@@ -41,7 +42,8 @@ PARTITION_BYTES = 256 << 20  # media per shuffle partition (a reduce task holds 
 def read_picked(batch: dict, pending_path: str | None, stats_dir: str) -> Iterator[pa.Table]:
     """map_batches function, one raw shard per call: read it once and emit the tier
     media of every picked sample (the same bytes stage A validated: media.tier_members
-    is deterministic), plus its embedding from stage A's parts."""
+    is deterministic), plus its embedding from stage A's parts. Derived samples (video
+    clips) take their media from the parts too."""
     from .. import rawshards
     from ..media import tier_members
 
@@ -54,14 +56,24 @@ def read_picked(batch: dict, pending_path: str | None, stats_dir: str) -> Iterat
         picks = picks[picks["shard_id"].isin(pending)]
     wanted = {k: (int(s), int(p)) for k, s, p in zip(picks["raw_key"], picks["shard_id"], picks["pos"])}
     vectors: dict[str, bytes] = {}
+    rows, size = [], 0
     for part in parts:
-        if EMBEDDING_COLUMN in pq.read_schema(part).names:
+        names = pq.read_schema(part).names
+        if EMBEDDING_COLUMN in names:
             t = pq.read_table(part, columns=["raw_key", EMBEDDING_COLUMN])
             for k, v in zip(t.column("raw_key").to_pylist(), t.column(EMBEDDING_COLUMN).to_pylist()):
                 if k in wanted and v is not None:
                     vectors[k] = v
-    rows, size = [], 0
-    for row, files in rawshards.read_shard(shard, source):
+        if CLIP_BYTES_COLUMN in names:  # derived samples (video clips): their media are in the part, not the raw shard
+            t = pq.read_table(part, columns=["uid", "raw_key", "media", CLIP_BYTES_COLUMN])
+            picked = {u for u in picks["uid"]}
+            for uid, key, media, data in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+                if data is not None and uid in picked and key in wanted:
+                    where = wanted.pop(key)
+                    rows.append({"shard_id": where[0], "pos": where[1], "names": media[:1], "datas": [data],
+                                 "embedding": vectors.get(key)})
+                    size += len(data)
+    for row, files in (rawshards.read_shard(shard, source) if wanted else ()):
         # Only a sample the reader kept can have been picked (a later duplicate of a key fails)
         where = wanted.get(row["raw_key"]) if row["status"] == "kept" else None
         if where is None:
@@ -75,7 +87,8 @@ def read_picked(batch: dict, pending_path: str | None, stats_dir: str) -> Iterat
             rows, size = [], 0
     if rows:
         yield pa.Table.from_pylist(rows, schema=MEDIA_SCHEMA)
-    atomic_write_text(Path(stats_dir) / f"{shard.name}.json", json.dumps({"raw_bytes_read": max(shard.size, 0)}))
+    read = max(shard.size, 0) if wanted else 0  # a shard that feeds only clips is not read
+    atomic_write_text(Path(stats_dir) / f"{shard.name}.json", json.dumps({"raw_bytes_read": read}))
 
 
 def write_group(group: pa.Table, sidecars_dir: str, tiers_dir: str, entries_dir: str, declared: tuple = ()) -> pa.Table:
