@@ -98,7 +98,12 @@ def test_train_and_eval_commands(plan_path, tmp_path, capsys):
     report = json.loads((out / "eval.json").read_text())
     assert report["answers"]["questions"] == 8 and 0 < report["answers"]["chance"] < 1
     assert set(report["distractors"]) == {"0", "2"} and (out / "distractors.png").stat().st_size > 0
-    assert report["held_out_loss"] and all(r["loss"] > 0 for r in report["held_out_loss"].values())
+    assert report["held_out_loss"] and all(r["loss"] > 0 for tasks in report["held_out_loss"].values()
+                                           for r in tasks.values())
+    assert {"caption", "qa"} <= set(report["held_out_loss"]["captioned_detail"])
+    for name in ("grey", "shuffled"):  # the same questions without their own image, with intervals
+        r = report["answers"][name]
+        assert 0 <= r["interval"][0] <= r["accuracy"] <= r["interval"][1] <= 1
 
     capsys.readouterr()
     assert trainer_cli(["train", "--plan", str(plan_path), "--arch", "llava", "--stage", "nope", "--out",

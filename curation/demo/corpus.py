@@ -3,7 +3,7 @@
 Layout under the corpus folder:
   files/                     every servable file (images, videos, junk)
   image_text.parquet         path, caption, qa  (the url list, before a server is known)
-  documents.jsonl            interleaved multi-image documents (OBELICS-style)
+  documents.jsonl            interleaved multi-image documents, with questions about their images (qa)
   videos.parquet             path, caption       (short mp4 clips)
   truth.parquet              path -> planted category, for measuring filters later
   trusted/trusted-000000.tar fresh scenes with true captions (jpg + txt): the trusted set
@@ -31,7 +31,7 @@ from ..fsutil import atomic_write_bytes, atomic_write_text
 from ..wds import tar_bytes
 from . import scenes
 
-CORPUS_VERSION = "4"
+CORPUS_VERSION = "5"
 
 
 @dataclass(frozen=True)
@@ -189,12 +189,15 @@ def build(root: str | Path, seed: int = 0, plan: CorpusPlan | None = None) -> di
     for d in range(plan.documents):
         n_img = rng.randint(2, 4)
         items = [{"type": "text", "text": f"Document {d}: a set of {n_img} drawings of shapes."}]
+        pictures = []
         for j in range(n_img):
             sc = scenes.random_scene(rng)
+            pictures.append(sc)
             rel = _write(root, f"files/doc/{d:04d}_{j}.jpg", scenes.encode_jpeg(scenes.render(sc)))
             items.append({"type": "image", "path": rel})
             items.append({"type": "text", "text": f"Figure {j + 1} shows {scenes.caption(sc, rng)[0].lower()}{scenes.caption(sc, rng)[1:]}"})
-        docs.append({"doc_id": f"doc{d:04d}", "items": items})
+        # multi-image questions (no draw from rng: the rest of the corpus stays as it was)
+        docs.append({"doc_id": f"doc{d:04d}", "items": items, "qa": scenes.document_questions(pictures)})
     with open(root / "documents.jsonl", "w", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps(doc) + "\n")

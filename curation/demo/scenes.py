@@ -149,3 +149,21 @@ def questions(scene: Scene) -> list[dict[str, str]]:
     if scene.word:
         qa.append({"q": "What does the sign say?", "a": scene.word.lower()})
     return qa
+
+
+def document_questions(pictures: list[Scene]) -> list[dict[str, str]]:
+    """Questions about a document's images, which it numbers 1, 2, ... in order: which
+    image holds an object (asked only where exactly one does), and the colour of a shape
+    in image k. Answering needs the images, and for the first kind all of them."""
+    holders: dict[tuple[str, str], list[int]] = {}
+    for k, scene in enumerate(pictures, start=1):
+        for o in scene.objects:
+            holders.setdefault((o.colour, o.shape), []).append(k)
+    qa = [{"q": f"Which image shows the {colour} {shape}?", "a": f"image {ks[0]}"}
+          for (colour, shape), ks in holders.items() if len(ks) == 1]
+    for k, scene in enumerate(pictures, start=1):
+        shapes = [o.shape for o in scene.objects]
+        alone = [o for o in scene.objects if shapes.count(o.shape) == 1]  # "the circle" must be one circle
+        if alone:
+            qa.append({"q": f"In image {k}, what colour is the {alone[0].shape}?", "a": alone[0].colour})
+    return qa

@@ -111,18 +111,43 @@ def _run_eval(run: Path, plan_path, questions, distractors, distractor_questions
     plan = load_plan(plan_path or state["plan"])
     report = evaluate(model, tok, plan, run, questions, distractors, distractor_questions,
                       title=f"{state['arch']}/{state['size']} after {state['stage']}")
-    print("held-out loss per tier:")
-    for tier, r in report["held_out_loss"].items():
-        print(f"  {tier:<20} {r['loss']:.4f}  ({r['tokens']} answer tokens)")
+    print_eval(report)
+    print(f"report: {run / 'eval.json'}" + (f", plot: {run / 'distractors.png'}" if distractors else ""))
+    a = report["answers"]
+    print(json.dumps({k: a.get(k) for k in ("accuracy", "interval", "chance", "grey", "shuffled", "minus_grey")}))
+
+
+def _interval(r: dict) -> str:
+    lo, hi = r["interval"]
+    return f"{r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def print_eval(report: dict) -> None:
+    """The eval report as tables: held-out loss per tier and task; accuracy with its own,
+    a grey and a shuffled image (95% Wilson intervals); the difference to grey and to
+    shuffled (95% paired bootstrap); accuracy against distractors."""
+    print("held-out loss (targets given away nowhere in their sequence):")
+    print(f"  {'tier':<20} {'task':<9} {'loss':>8} {'tokens':>7}")
+    for tier, tasks in report["held_out_loss"].items():
+        for task, r in tasks.items():
+            print(f"  {tier:<20} {task:<9} {r['loss']:>8.4f} {r['tokens']:>7}")
     a = report["answers"]
     if a.get("questions"):
-        print(f"answer accuracy on {a['questions']} held-out questions: {a['accuracy']:.3f} (chance {a['chance']:.3f})")
+        print(f"answer accuracy on {a['questions']} held-out questions (95% intervals), chance {a['chance']:.3f}:")
+        print(f"  {'image':<9} {_interval(a)}")
+        print(f"  {'grey':<9} {_interval(a['grey'])}")
+        print(f"  {'shuffled':<9} {_interval(a['shuffled'])}")
+        for name in ("minus_grey", "minus_shuffled"):
+            d = a[name]
+            print(f"  accuracy - {name[6:]:<8} {d['difference']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]")
+        print(f"  {'question':<32} {'n':>4} {'image':>6} {'grey':>6} {'shuffled':>8} {'chance':>6}")
         for q, r in a["by_question"].items():
-            print(f"  {q:<32} {r['accuracy']:.3f}  chance {r['chance']:.3f}  (n={r['n']})")
-    for n, r in report.get("distractors", {}).items():
-        print(f"  {n} distractors: accuracy {r['accuracy']:.3f} (chance {r['chance']:.3f}, n={r['questions']})")
-    print(f"report: {run / 'eval.json'}" + (f", plot: {run / 'distractors.png'}" if distractors else ""))
-    print(json.dumps({"accuracy": a.get("accuracy"), "chance": a.get("chance")}))
+            print(f"  {q:<32} {r['n']:>4} {r['accuracy']:>6.3f} {r['grey']:>6.3f} {r['shuffled']:>8.3f} "
+                  f"{r['chance']:>6.3f}")
+    if report.get("distractors"):
+        print("accuracy with N distractor images (target at a random place; same prompt layout for every N):")
+        for n, r in report["distractors"].items():
+            print(f"  N={n:<3} {_interval(r)}  chance {r['chance']:.3f}  (n={r['questions']})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,8 @@ from .views import cut_views, image_layout, lm_tokens, to_tensor
 
 USER, ASSISTANT = "User:", "Assistant:"
 DESCRIBE_IMAGE, DESCRIBE_VIDEO = "Describe the image.", "Describe the video."
-TEMPLATE_TEXT = [USER, ASSISTANT, DESCRIBE_IMAGE, DESCRIBE_VIDEO]
+# the tiny tokenizer needs every word the templates write, image labels included
+TEMPLATE_TEXT = [USER, ASSISTANT, DESCRIBE_IMAGE, DESCRIBE_VIDEO, "Image " + " ".join(map(str, range(1, 17)))]
 HELD_OUT_MOD = 10
 
 
@@ -168,6 +169,8 @@ def decode_document(raw: dict, meta: dict, sample: dict) -> None:
             if item.get("member") in raw:
                 items.append(("image", len(sample["images"])))
                 sample["images"].append(decode_image(raw[item["member"]]))
+            else:  # questions name images by their place in the document, which no longer holds
+                sample["qa"] = []
         elif item.get("text"):
             items.append(("text", item["text"]))
     sample.update(role="multi", doc=items)
@@ -191,26 +194,69 @@ def decode_video(data: bytes, count: int) -> list[Image.Image]:
 # ---------------------------------------------------------------- conversations
 
 def conversation(sample: dict, rng: random.Random | None = None) -> list[tuple]:
-    """Segments: ("text", str, trains), ("image", index), ("eos",).
-    Scene QA turns come before the caption turn, so no answer can be copied from it."""
+    """Segments: ("text", str, trains), ("image", index), ("eos",): the training sequence.
+    Scene QA turns come before the caption turn, so no answer can be copied from it. A
+    document with questions about its images trains, half of the time (seeded), as a
+    multi-image QA conversation instead of its text: never both in one sequence, since its
+    text describes the figures the questions ask about."""
     kind = kind_of(sample["kind"])
     if kind.doc_layout:
-        segs = [("image", x[1]) if x[0] == "image" else ("text", x[1] + "\n", True) for x in sample["doc"]]
-        return segs + [("eos",)]
-    images = [("image", i) for i in range(len(sample["images"]))]
+        if sample["qa"] and rng is not None and rng.random() < 0.5:
+            return qa_conversation(sample, _shuffled(sample["qa"], rng))
+        return document_conversation(sample)
     if sample["role"] == "frame":  # a clip's frames (the kind's decode set the role)
-        return turn([*images, ("text", "\n" + DESCRIBE_VIDEO, False)], sample["text"])
-    qa = list(sample["qa"])
+        return caption_conversation(sample)
+    return qa_conversation(sample, [*_shuffled(sample["qa"], rng), {"q": DESCRIBE_IMAGE, "a": sample["text"]}])
+
+
+def _shuffled(pairs: list[dict], rng: random.Random | None) -> list[dict]:
+    pairs = list(pairs)
     if rng is not None:
-        rng.shuffle(qa)
-    segs, first = [], True
-    for pair in [*qa, {"q": DESCRIBE_IMAGE, "a": sample["text"]}]:
-        prompt = [("text", pair["q"], False)]
-        if first:
-            prompt = [*images, ("text", "\n", False), *prompt]
-            first = False
-        segs += turn(prompt, pair["a"])
+        rng.shuffle(pairs)
+    return pairs
+
+
+def visual_prompt(count: int, role: str) -> list[tuple]:
+    """How the images open the first user turn. Several images (documents, and eval's
+    distractor sets of any size, one included) are labelled "Image k:" so a question or an
+    answer can name one; a single image or a clip's frames come bare."""
+    if role == "multi":
+        return [seg for i in range(count)
+                for seg in (("text", f"Image {i + 1}: ", False), ("image", i), ("text", "\n", False))]
+    return [*(("image", i) for i in range(count)), ("text", "\n", False)]
+
+
+def qa_conversation(sample: dict, pairs: list[dict]) -> list[tuple]:
+    """One turn per question/answer pair, the sample's images in front of the first."""
+    segs = []
+    for i, pair in enumerate(pairs):
+        opening = visual_prompt(len(sample["images"]), sample["role"]) if i == 0 else []
+        segs += turn([*opening, ("text", pair["q"], False)], pair["a"])
     return segs
+
+
+def caption_conversation(sample: dict) -> list[tuple]:
+    """The images (or a clip's frames) and the describe prompt, answered by the caption alone."""
+    describe = DESCRIBE_VIDEO if sample["role"] == "frame" else DESCRIBE_IMAGE
+    return qa_conversation(sample, [{"q": describe, "a": sample["text"]}])
+
+
+def document_conversation(sample: dict) -> list[tuple]:
+    """A document's text and images in its order; all of its text trains."""
+    segs = [("image", x[1]) if x[0] == "image" else ("text", x[1] + "\n", True) for x in sample["doc"]]
+    return segs + [("eos",)]
+
+
+def held_out_conversations(sample: dict) -> list[tuple[str, list[tuple]]]:
+    """(task, segments) for held-out loss, each target given away nowhere else in its
+    sequence: the caption alone ("caption"), each question alone ("qa"), a document's text
+    alone ("document"). The training sequence would leak: its caption repeats the answers
+    before it."""
+    kind = kind_of(sample["kind"])
+    found = [("qa", qa_conversation(sample, [pair])) for pair in sample["qa"]]
+    if kind.doc_layout:
+        return [("document", document_conversation(sample)), *found]
+    return ([("caption", caption_conversation(sample))] if sample["text"] else []) + found
 
 
 def turn(prompt: list[tuple], answer: str | None) -> list[tuple]:

@@ -6,9 +6,10 @@ Conversations, in one place (`conversation`):
 * a sample whose source carried question/answer pairs (the demo's `qa`): one user turn
   per question, the sample's media in front of the first, each answered by its answer;
 * a document (kind interleaved), when its `doc` items account for every image once and
-  it ends with text: text and images in the document's order. Each run of images opens
-  a user turn; the text after it is the assistant's, so the model writes each part of the
-  document having seen the images before it. Text before the first image is context in
+  it ends with text: text and images in the document's order (its questions, if any,
+  are left out: the trainer's). Each run of images opens a user turn; the text after
+  it is the assistant's, so the model writes each part of the document having seen the
+  images before it. Text before the first image is context in
   the first user turn;
 * anything else (and documents for formats that cannot place an image inside text): the
   media in front of a describe prompt, answered by the sample's text.
@@ -174,7 +175,7 @@ def conversation(kind: str, text: str | None, source_meta: str | None, doc: dict
     """The sample as alternating user/assistant turns (rules in the module docstring).
     `interleave=False` for formats that can only put media before the first question."""
     k = kind_of(kind)
-    pairs = qa_pairs(source_meta)
+    pairs = [] if k.doc_layout else qa_pairs(source_meta)  # a document exports as one; its questions are the trainer's
     if not pairs and k.doc_layout and interleave:
         sequence = document_sequence(doc, media)
         turns = document_turns(sequence) if sequence else None
