@@ -284,6 +284,9 @@ class Sampler:
         self.pid = pid
         self.driver = self.driver_hwm = self.workers = self.workers_private = self.ray_sys = 0
         self.largest_worker = 0  # one process: stage B's DuckDB task shows here
+        # RSS counts the object-store pages a worker has touched (shared memory, capped by
+        # Ray's object_store_memory); private = RSS - shared is the worker's own heap.
+        self.largest_worker_private = 0
         self.max_workers_seen = 0
         self.base = _machine_used() if HAVE_PROC else None
         self.machine = 0
@@ -306,7 +309,9 @@ class Sampler:
                 workers += rss
                 self.largest_worker = max(self.largest_worker, rss)
                 statm = (_read(f"/proc/{pid}/statm") or "0 0 0").split()
-                private += max(0, rss - int(statm[2]) * PAGE)
+                own = max(0, rss - int(statm[2]) * PAGE)
+                private += own
+                self.largest_worker_private = max(self.largest_worker_private, own)
             else:
                 sys_rss += rss
         status = _read(f"/proc/{self.pid}/status") or ""
@@ -405,6 +410,7 @@ def run_once(size: int, raw: Path, raw_bytes: int, out: Path, args) -> dict:
                     "driver_sampled_peak_rss": sampler.driver if HAVE_PROC else None,
                     "workers_peak_rss_sum": sampler.workers if HAVE_PROC else None,
                     "largest_worker_peak_rss": sampler.largest_worker if HAVE_PROC else None,
+                    "largest_worker_peak_private": sampler.largest_worker_private if HAVE_PROC else None,
                     "workers_peak_private_sum": sampler.workers_private if HAVE_PROC else None,
                     "ray_system_peak_rss": sampler.ray_sys if HAVE_PROC else None,
                     "machine_peak_delta": sampler.machine if sampler.base is not None else None,
@@ -458,7 +464,8 @@ def derive(r: dict) -> dict:
     for stage in ("annotate", "write"):
         read = (stages.get(stage) or {}).get("raw_bytes_read")
         d[f"{stage}_read_ratio"] = read / r["raw_bytes"] if read is not None and r["raw_bytes"] else None
-    for k in ("driver_peak_rss", "workers_peak_rss_sum", "largest_worker_peak_rss", "workers_peak_private_sum", "ray_system_peak_rss",
+    for k in ("driver_peak_rss", "workers_peak_rss_sum", "largest_worker_peak_rss", "largest_worker_peak_private",
+              "workers_peak_private_sum", "ray_system_peak_rss",
               "machine_peak_delta", "raw_bytes"):
         d[k] = r.get(k)
     d["run_vs_annotate"] = d["run_per_s"] / d["annotate_per_s"] if d["run_per_s"] and d["annotate_per_s"] else None
@@ -477,6 +484,7 @@ def _mb(v) -> str:
 def table(rows: list[dict]) -> str:
     head = ["samples", "wall s", "start-up s", "ms/sample", "ms/sample after start-up", "annotate /s", "decide /s",
             "write /s", "whole run /s", "driver peak RSS", "workers peak RSS (sum)", "largest worker peak RSS",
+            "largest worker peak private (RSS - shared)",
             "Ray daemons peak RSS",
             "machine peak (Δ)", "raw bytes", "annotate read / raw", "write read / raw", "kept / dropped / failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -491,7 +499,7 @@ def table(rows: list[dict]) -> str:
                  _f(d["annotate_per_s"], "{:,.0f}"), _f(d["decide_per_s"], "{:,.0f}"), _f(d["write_per_s"], "{:,.0f}"),
                  _f(d["run_per_s"], "{:,.0f}"),
                  _mb(d["driver_peak_rss"]), _mb(d["workers_peak_rss_sum"]), _mb(d.get("largest_worker_peak_rss")),
-                 _mb(d["ray_system_peak_rss"]),
+                 _mb(d.get("largest_worker_peak_private")), _mb(d["ray_system_peak_rss"]),
                  _mb(d["machine_peak_delta"]), f"{d['raw_bytes'] / MB:,.0f} MB",
                  _f(d["annotate_read_ratio"], "{:.2f}x"), _f(d["write_read_ratio"], "{:.2f}x"),
                  f"{st.get('kept', 0):,} / {st.get('dropped', 0):,} / {st.get('failed', 0):,}"]
@@ -499,13 +507,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def floors(rows: list[dict], ref_size: int) -> list[str]:
-    """Issue 10's floors, each against the reference row of this run."""
+def floor_checks(rows: list[dict], ref_size: int) -> list[dict]:
+    """Issue 10's floors, each against the reference row of this run. Each check: `what`,
+    `verdict` (PASS, FAIL, n/a), the two figures compared (`ours` at the size, `baseline`:
+    the reference row's figure or the stage/bytes it is held to; None where there is
+    none) in `units`, the `floor`, and `line`, the check as one line of text."""
     out = []
     ok = [d for d in rows if d["ok"]]
+
+    def check(verdict, what, shown, detail, ours=None, baseline=None, units="", floor="") -> None:
+        out.append({"what": what, "verdict": verdict.strip(), "result": shown, "ours": ours, "baseline": baseline,
+                    "units": units, "floor": floor, "line": f"{verdict}  {what}: {shown}" + (f" ({detail})" if detail else "")})
+
     for d in rows:
         if not d["ok"]:
-            out.append(f"FAIL  {d['size']:,}: the run failed, no figures")
+            check("FAIL", f"{d['size']:,}", "the run failed, no figures", "")
     ref = next((d for d in ok if d["size"] == ref_size), None) or (min(ok, key=lambda d: d["size"]) if ok else None)
     if ref is None:
         return out
@@ -513,9 +529,12 @@ def floors(rows: list[dict], ref_size: int) -> list[str]:
     def verdict(value, good) -> str:
         return "n/a " if value is None else ("PASS" if good(value) else "FAIL")
 
+    def mb(v):
+        return None if v is None else v / MB
+
     bigger = [d for d in ok if d["size"] > ref["size"]]
     if not bigger:
-        out.append(f"n/a   per-sample time and driver RSS vs {ref['size']:,}: no larger size in this run")
+        check("n/a ", f"per-sample time and driver RSS vs {ref['size']:,}", "no larger size in this run", "")
     for d in bigger:
         # Start-up is a fixed cost: the reference's is taken off every row. A row's own
         # start-up can hold per-sample work (the engine counts the raw shards' samples
@@ -524,34 +543,47 @@ def floors(rows: list[dict], ref_size: int) -> list[str]:
         a = (d["wall_s"] - ref["startup_s"]) / d["samples"] * 1e3 if ref["startup_s"] is not None else None
         ratio = a / b if a is not None and b else None
         own = d["ms_per_sample_after_startup"]
-        out.append(f"{verdict(ratio, lambda x: x <= 1.2)}  per-sample wall time after start-up, {d['size']:,} vs "
-                   f"{ref['size']:,}: {_f(ratio, '{:.2f}x')} (floor <= 1.20x; {_f(a, '{:.3f}')} vs {_f(b, '{:.3f}')} ms, "
-                   f"start-up {_f(ref['startup_s'])} s off both; with its own start-up off: "
-                   f"{_f(own / b if own is not None and b else None, '{:.2f}x')})")
+        check(verdict(ratio, lambda x: x <= 1.2), f"per-sample wall time after start-up, {d['size']:,} vs {ref['size']:,}",
+              _f(ratio, '{:.2f}x'), f"floor <= 1.20x; {_f(a, '{:.3f}')} vs {_f(b, '{:.3f}')} ms, "
+              f"start-up {_f(ref['startup_s'])} s off both; with its own start-up off: "
+              f"{_f(own / b if own is not None and b else None, '{:.2f}x')}", a, b, "ms/sample", "<= 1.20x")
         a, b = d["driver_peak_rss"], ref["driver_peak_rss"]
         ratio = a / b if a is not None and b else None
-        out.append(f"{verdict(ratio, lambda x: x <= 1.5)}  driver peak RSS, {d['size']:,} vs {ref['size']:,}: "
-                   f"{_f(ratio, '{:.2f}x')} (floor <= 1.50x; {_mb(a)} vs {_mb(b)})")
+        check(verdict(ratio, lambda x: x <= 1.5), f"driver peak RSS, {d['size']:,} vs {ref['size']:,}",
+              _f(ratio, '{:.2f}x'), f"floor <= 1.50x; {_mb(a)} vs {_mb(b)}", mb(a), mb(b), "MB", "<= 1.50x")
+        # Not one of the issue's floors, held to the driver's: no worker's own heap grows with the run.
+        a, b = d.get("largest_worker_peak_private"), ref.get("largest_worker_peak_private")
+        ratio = a / b if a is not None and b else None
+        check(verdict(ratio, lambda x: x <= 1.5),
+              f"largest worker's private memory (RSS - shared), {d['size']:,} vs {ref['size']:,}",
+              _f(ratio, '{:.2f}x'), f"held to <= 1.50x; {_mb(a)} vs {_mb(b)}", mb(a), mb(b), "MB", "<= 1.50x")
     for d in ok:
         rss = d["driver_peak_rss"]
-        out.append(f"{verdict(rss, lambda x: x < 1e9)}  driver peak RSS at {d['size']:,}: {_mb(rss)} (floor < 1 GB)")
+        check(verdict(rss, lambda x: x < 1e9), f"driver peak RSS at {d['size']:,}", _mb(rss), "floor < 1 GB",
+              mb(rss), None, "MB", "< 1 GB")
     for d in ok:
         ratio = d["run_vs_annotate"]
-        out.append(f"{verdict(ratio, lambda x: x >= 0.7)}  whole run vs stage A alone at {d['size']:,}: "
-                   f"{_f(ratio, '{:.2f}x')} (floor >= 0.70x; {_f(d['run_per_s'], '{:,.0f}')} vs "
-                   f"{_f(d['annotate_per_s'], '{:,.0f}')} samples/s)")
+        check(verdict(ratio, lambda x: x >= 0.7), f"whole run vs stage A alone at {d['size']:,}", _f(ratio, '{:.2f}x'),
+              f"floor >= 0.70x; {_f(d['run_per_s'], '{:,.0f}')} vs {_f(d['annotate_per_s'], '{:,.0f}')} samples/s",
+              d["run_per_s"], d["annotate_per_s"], "samples/s", ">= 0.70x")
     for d in ok:
         ratio = d["write_read_ratio"]
-        out.append(f"{verdict(ratio, lambda x: x <= 1.2)}  stage C bytes read / raw bytes at {d['size']:,}: "
-                   f"{_f(ratio, '{:.2f}x')} (floor <= 1.20x)")
+        read = ratio * d["raw_bytes"] if ratio is not None and d["raw_bytes"] is not None else None
+        check(verdict(ratio, lambda x: x <= 1.2), f"stage C bytes read / raw bytes at {d['size']:,}", _f(ratio, '{:.2f}x'),
+              "floor <= 1.20x", mb(read), mb(d["raw_bytes"]), "MB", "<= 1.20x")
     return out
+
+
+def floors(rows: list[dict], ref_size: int) -> list[str]:
+    """Issue 10's floors as PASS/FAIL lines (floor_checks)."""
+    return [c["line"] for c in floor_checks(rows, ref_size)]
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"),
@@ -566,9 +598,14 @@ def main() -> None:
     ap.add_argument("--heartbeat", type=float, default=15.0, help="progress line period on stderr, seconds")
     ap.add_argument("--timeout", type=float, default=0, help="stop a run after this many seconds (0: never)")
     ap.add_argument("--json", type=Path, help="results file (default WORK/results-<time>.json)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.work = args.work.resolve()
     args.pipeline = args.pipeline.resolve()
+    return args
+
+
+def measure(args: argparse.Namespace) -> tuple[list[dict], Path]:
+    """Every size once; returns the table's rows (derive) and the results file written."""
     if not HAVE_PROC:
         log("no /proc: memory figures will be n/a")
 
@@ -583,15 +620,21 @@ def main() -> None:
             shutil.rmtree(out)
 
     rows = [derive(r) for r in results]
-    print(table(rows))
-    print()
-    for line in floors(rows, args.reference):
-        print(line)
     path = args.json or args.work / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count(),
                                 "runs": results, "rows": rows}, indent=2, default=str) + "\n")
     log(f"results: {path}")
+    return rows, path
+
+
+def main() -> None:
+    args = parse_args()
+    rows, _ = measure(args)
+    print(table(rows))
+    print()
+    for line in floors(rows, args.reference):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # pipelines/demo.yaml names its models under ${CURATION_MODELS}; demo_out points it at
 # the filter the demo trained. Until then, a placeholder lets the recipe parse.
 os.environ.setdefault("CURATION_MODELS", "/nonexistent-curation-models")
+# pipelines/llava_onevision.yaml's decontaminate reads ${CURATION_EVAL_SETS}: demo_out
+# points it at the demo's evaluation set (corpus/eval)
+os.environ.setdefault("CURATION_EVAL_SETS", "/nonexistent-curation-eval-sets")
 
 REPO = Path(__file__).resolve().parents[1]
 CURATE = [sys.executable, "-m", "curation.cli"]
@@ -31,6 +34,15 @@ def demo_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     curate("demo", "--small", "--samples-per-shard", "60", "--out", out, timeout=1500)
     os.environ["CURATION_MODELS"] = str(out / "models")
+    os.environ["CURATION_EVAL_SETS"] = str(out / "corpus" / "eval")
+    return out
+
+
+@pytest.fixture(scope="session")
+def onevision_out(demo_out, tmp_path_factory) -> Path:
+    """pipelines/llava_onevision.yaml run over the small demo's raw shards, once per session."""
+    out = tmp_path_factory.mktemp("onevision") / "out"
+    curate("run", "pipelines/llava_onevision.yaml", "--input", demo_out / "raw", "--out", out)
     return out
 
 
@@ -63,3 +75,13 @@ def s3(monkeypatch):
         yield filesystem, env
     finally:
         server.stop()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`): every test that uses the session's
+    `demo_out` in one group, so the demo is curated once per run, not once per worker;
+    the other tests grouped by module, so a module's fixtures are built once."""
+    for item in items:
+        group = "demo_out" if "demo_out" in getattr(item, "fixturenames", ()) else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
