@@ -95,6 +95,34 @@ def time_pipeline(doc: dict, shards: list[Path]) -> float:
         return time.perf_counter() - t
 
 
+def measure(name: str, shards: list[Path], clip_model: str = "ViT-B-32", clip_pretrained: str | None = None) -> dict:
+    """One operator ("clip" or "ocr") on the images of `shards`: the plain loop, then the
+    pipeline (Ray must be up: its start is not what is compared)."""
+    items = images_in(shards)
+    if name == "clip":
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)  # the plain loop: every core in one process
+        # Ray gives a fractional-CPU actor one thread; the plain loop uses every core.
+        op = {"op": "clip_score", "model": clip_model, "threads": os.cpu_count() or 1}
+        if clip_pretrained:
+            op["pretrained"] = clip_pretrained
+        t = time.perf_counter()
+        n = plain_clip(items, clip_model, clip_pretrained, batch=64)
+        plain_s = time.perf_counter() - t
+    elif name == "ocr":
+        op = {"op": "ocr", "det_limit_side": 320}
+        t = time.perf_counter()
+        n = plain_ocr(items, 320)
+        plain_s = time.perf_counter() - t
+    else:
+        raise ValueError(f"unknown operator {name!r}: clip or ocr")
+    pipe_s = time_pipeline(pipeline_doc(op), shards)
+    return {"images": n, "plain_images_per_s": round(n / plain_s, 1),
+            "pipeline_images_per_s": round(n / pipe_s, 1), "ratio": round(plain_s / pipe_s, 3),
+            "model": clip_model if name == "clip" else "rapidocr PP-OCR det+rec"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--raw", default="shards/demo/raw")
@@ -114,24 +142,7 @@ def main() -> None:
     results = {"cpus": os.cpu_count(), "torch_threads_plain": torch.get_num_threads()}
     for name in args.ops.split(","):
         shards = all_shards[: args.max_shards if name == "clip" else args.ocr_shards]
-        items = images_in(shards)
-        if name == "clip":
-            # Ray gives a fractional-CPU actor one thread; the plain loop uses every core.
-            op = {"op": "clip_score", "model": args.clip_model, "threads": os.cpu_count() or 1}
-            if args.clip_pretrained:
-                op["pretrained"] = args.clip_pretrained
-            t = time.perf_counter()
-            n = plain_clip(items, args.clip_model, args.clip_pretrained, batch=64)
-            plain_s = time.perf_counter() - t
-        else:
-            op = {"op": "ocr", "det_limit_side": 320}
-            t = time.perf_counter()
-            n = plain_ocr(items, 320)
-            plain_s = time.perf_counter() - t
-        pipe_s = time_pipeline(pipeline_doc(op), shards)
-        results[name] = {"images": n, "plain_images_per_s": round(n / plain_s, 1),
-                         "pipeline_images_per_s": round(n / pipe_s, 1), "ratio": round(plain_s / pipe_s, 3),
-                         "model": args.clip_model if name == "clip" else "rapidocr PP-OCR det+rec"}
+        results[name] = measure(name, shards, args.clip_model, args.clip_pretrained)
         print(json.dumps({name: results[name]}), flush=True)
     print(json.dumps(results, indent=2))
 

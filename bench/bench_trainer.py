@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,6 +26,61 @@ from curation.trainer.config import model_config  # noqa: E402
 from curation.trainer.data import TrainBatches, find_stage, load_plan, stage_sources  # noqa: E402
 from curation.trainer.model import VLM  # noqa: E402
 from curation.trainer.train import build_tokenizer, make_optimizer, set_trainable  # noqa: E402
+
+
+def measure(plan_path: str | Path, arch: str = "llava", size: str = "tiny", stage_name: str | None = "stage2_onevision",
+            batch_size: int = 16, workers: int = 1, threads: int = 1, batches: int = 20) -> dict:
+    """The three measurements above on one plan stage; rates in samples/s."""
+    torch.set_num_threads(threads)
+    plan = load_plan(plan_path)
+    stage = find_stage(plan, stage_name)
+    cfg = model_config(arch, size)
+    tok = build_tokenizer(plan, cfg)
+    torch.manual_seed(0)
+    model = VLM(cfg, tok.vocab_size, tok.image_id)
+    set_trainable(model, "full")
+    opt = make_optimizer(model, 1e-4, 1.0)
+
+    def loader():
+        ds = TrainBatches(stage_sources(plan, stage), cfg, tok, model.vision.mean, model.vision.std, batch_size)
+        return iter(DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None))
+
+    def step(batch):
+        model(batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # 1. loader alone (after its first batch: worker start-up is not throughput)
+    it = loader()
+    next(it)
+    t = time.perf_counter()
+    held = [next(it) for _ in range(batches)]
+    loader_rate = batches * batch_size / (time.perf_counter() - t)
+    del it
+
+    # 2. model alone, on the batches just loaded
+    step(held[0])  # warm-up
+    t = time.perf_counter()
+    for batch in held:
+        step(batch)
+    model_rate = batches * batch_size / (time.perf_counter() - t)
+
+    # 3. the real loop: time blocked waiting for the next batch
+    it = loader()
+    step(next(it))
+    waited, t = 0.0, time.perf_counter()
+    for _ in range(batches):
+        w = time.perf_counter()
+        batch = next(it)
+        waited += time.perf_counter() - w
+        step(batch)
+    total = time.perf_counter() - t
+    return {"arch": arch, "size": size, "stage": stage["name"], "batch_size": batch_size, "workers": workers,
+            "threads": threads, "batches": batches,
+            "packed_rows": sum(b["input_ids"].shape[0] for b in held) / len(held),
+            "tokens": sum(int((b["segment_ids"] > 0).sum()) for b in held) / len(held),
+            "loader_samples_per_s": loader_rate, "model_samples_per_s": model_rate,
+            "loop_samples_per_s": batches * batch_size / total, "waiting_share": waited / total}
 
 
 def main() -> None:
@@ -38,62 +94,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", type=int, default=20, help="batches per measurement")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-
-    plan = load_plan(args.plan)
-    stage = find_stage(plan, args.stage)
-    cfg = model_config(args.arch, args.size)
-    tok = build_tokenizer(plan, cfg)
-    torch.manual_seed(0)
-    model = VLM(cfg, tok.vocab_size, tok.image_id)
-    set_trainable(model, "full")
-    opt = make_optimizer(model, 1e-4, 1.0)
-
-    def loader():
-        ds = TrainBatches(stage_sources(plan, stage), cfg, tok, model.vision.mean, model.vision.std, args.batch_size)
-        return iter(DataLoader(ds, batch_size=None, num_workers=args.workers,
-                               prefetch_factor=4 if args.workers else None))
-
-    def step(batch):
-        model(batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    # 1. loader alone (after its first batch: worker start-up is not throughput)
-    it = loader()
-    next(it)
-    t = time.perf_counter()
-    held = [next(it) for _ in range(args.batches)]
-    loader_rate = args.batches * args.batch_size / (time.perf_counter() - t)
-    del it
-
-    # 2. model alone, on the batches just loaded
-    step(held[0])  # warm-up
-    t = time.perf_counter()
-    for batch in held:
-        step(batch)
-    model_rate = args.batches * args.batch_size / (time.perf_counter() - t)
-
-    # 3. the real loop: time blocked waiting for the next batch
-    it = loader()
-    step(next(it))
-    waited, t = 0.0, time.perf_counter()
-    for _ in range(args.batches):
-        w = time.perf_counter()
-        batch = next(it)
-        waited += time.perf_counter() - w
-        step(batch)
-    total = time.perf_counter() - t
-    loop_rate = args.batches * args.batch_size / total
-
-    rows = sum(b["input_ids"].shape[0] for b in held) / len(held)
-    tokens = sum(int((b["segment_ids"] > 0).sum()) for b in held) / len(held)
-    print(f"{args.arch}/{args.size}, stage {stage['name']}, batch {args.batch_size} samples "
-          f"(~{rows:.1f} packed rows, ~{tokens:.0f} tokens), {args.workers} loader worker(s), {args.threads} threads")
-    print(f"{'loader alone':<28} {loader_rate:8.1f} samples/s")
-    print(f"{'model step alone':<28} {model_rate:8.1f} samples/s")
-    print(f"{'loader / model':<28} {loader_rate / model_rate:8.2f}x")
-    print(f"{'training loop':<28} {loop_rate:8.1f} samples/s, waiting for data {100 * waited / total:.1f}% of the time")
+    r = measure(args.plan, args.arch, args.size, args.stage, args.batch_size, args.workers, args.threads, args.batches)
+    print(f"{r['arch']}/{r['size']}, stage {r['stage']}, batch {r['batch_size']} samples "
+          f"(~{r['packed_rows']:.1f} packed rows, ~{r['tokens']:.0f} tokens), {r['workers']} loader worker(s), "
+          f"{r['threads']} threads")
+    print(f"{'loader alone':<28} {r['loader_samples_per_s']:8.1f} samples/s")
+    print(f"{'model step alone':<28} {r['model_samples_per_s']:8.1f} samples/s")
+    print(f"{'loader / model':<28} {r['loader_samples_per_s'] / r['model_samples_per_s']:8.2f}x")
+    print(f"{'training loop':<28} {r['loop_samples_per_s']:8.1f} samples/s, "
+          f"waiting for data {100 * r['waiting_share']:.1f}% of the time")
 
 
 if __name__ == "__main__":
