@@ -18,7 +18,16 @@ def add_train_parser(subparsers) -> None:
     t.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     t.add_argument("--out", default="shards/train", help="run folder: checkpoint, loss.jsonl, loss.png; "
                    "running again on it resumes (default shards/train)")
-    t.add_argument("--batch-size", type=int, default=16, help="samples per step, packed into rows (default 16)")
+    t.add_argument("--batch-size", type=int, default=16, help="samples per loader batch, packed into rows; a step takes "
+                   "--grad-accum of them (default 16)")
+    t.add_argument("--grad-accum", type=int, default=1,
+                   help="loader batches per optimizer step: --batch-size x K samples per step, the loss averaged "
+                   "over all their answer tokens (default 1)")
+    t.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each LM decoder layer in the backward pass: less activation memory, more compute")
+    t.add_argument("--attention", default="auto", choices=["auto", "flex", "documents", "dense"],
+                   help="packed attention: flex (FlexAttention document mask, CUDA), documents (causal SDPA per "
+                   "packed sample), dense (L x L mask); auto = flex on CUDA, documents on CPU")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     t.add_argument("--vision-lr-scale", type=float,
                    help="encoder learning rate as a fraction of --lr in full stages; 0 freezes it (default per "
@@ -80,7 +89,9 @@ def cmd_train(args) -> None:
         raise CurationError("--encoder-layers is for --arch evlm")
     overrides.update({k: v for k, v in layers.items() if v is not None})
     opts = TrainOptions(plan=args.plan, out=args.out, arch=args.arch, size=args.size, stage=args.stage,
-                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, vision_lr_scale=args.vision_lr_scale,
+                        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        activation_checkpointing=args.activation_checkpointing, attention=args.attention,
+                        lr=args.lr, vision_lr_scale=args.vision_lr_scale,
                         warmup=args.warmup, trainable=args.trainable, init=args.init, seed=args.seed,
                         workers=args.workers, resample=not args.no_resample, save_every=args.save_every,
                         threads=args.threads, progress=not args.no_progress, model_overrides=overrides)

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb, repeat_kv, rotate_half
 
 from .config import ModelConfig
+from .lm import PackedAttention, attend_packed
 from .vision import feature_block
 from .views import anyres_features, frame_feature_side, num_views
 
@@ -40,7 +41,7 @@ class VisualMemory:
 
 @dataclass
 class LayerInputs:
-    mask: torch.Tensor  # [R, 1, L, L] boolean, block-diagonal causal
+    attention: PackedAttention  # who attends to whom in the packed rows (lm.py)
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin for the text positions
     position_ids: torch.Tensor
     rotary: Callable  # (x, position_ids) -> cos, sin: the LM's rotary embedding
@@ -61,7 +62,7 @@ class Connector(nn.Module):
         return [feature_block(cfg.vision_feature_layer, cfg.vision_depth)]
 
     def run_layer(self, index: int, layer: nn.Module, hidden: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
-        return layer(hidden, attention_mask=inp.mask, position_ids=inp.position_ids, position_embeddings=inp.rope)
+        return layer(hidden, attention_mask=inp.attention, position_ids=inp.position_ids, position_embeddings=inp.rope)
 
 
 class LlavaConnector(Connector):
@@ -247,8 +248,8 @@ class Owl3Connector(Connector):
         q, k, v = heads_of(attn.q_proj(h)), heads_of(attn.k_proj(h)), heads_of(attn.v_proj(h))
         cos, sin = inp.rope
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        text_ctx = attend_packed(q, k, v, inp.attention, attn.scaling)
         groups = attn.num_key_value_groups
-        text_ctx = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=inp.mask)
 
         # visual branch: same input norm and the same text queries; own keys/values
         vis = layer.input_layernorm(memory.tokens)

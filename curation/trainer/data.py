@@ -6,8 +6,9 @@
 
 Held-out split: a sample whose uid hashes to 0 mod 10 is never trained on; eval reads
 exactly those. Packing puts several samples in one row; each keeps its own position ids
-(restarting at 0) and a segment id, from which the model builds a block-diagonal causal
-mask, so packed samples never see each other.
+(restarting at 0) and a segment id, from which the model keeps attention within each
+sample (lm.py: a FlexAttention document mask, or causal SDPA per sample; never an L x L
+mask outside the dense reference path), so packed samples never see each other.
 
 Data position (for resume): every batch holds exactly `batch_size` samples, and the
 DataLoader takes batches from its workers in turn (batch b from worker b % workers), so

@@ -1,15 +1,35 @@
 """The language model: a transformers Qwen2ForCausalLM (built from a config for tiny and
 small sizes, loaded by hub id or path otherwise). The VLM runs its decoder layers one by
-one (model.py) so that connectors can add blocks between or inside them, and so that a
-packed row gets a block-diagonal causal mask.
+one (model.py) so that connectors can add blocks between or inside them, and so that
+packed rows attend within their own sample only.
+
+Packed attention has three backends, all giving the same result (tests/test_trainer_engine.py):
+* "flex": FlexAttention with a document mask (torch.nn.attention.flex_attention): a block
+  mask of (L/128)^2 entries, never an L x L tensor; compiled, on CUDA only (its backward
+  does not run on CPU in torch 2.13).
+* "documents": each packed sample is gathered into its own row of a [documents, longest, ...]
+  tensor and runs plain causal SDPA (is_causal, so flash/efficient kernels on GPU): the cost
+  is sum-of-squares of sample lengths padded to the longest, never L x L.
+* "dense": the boolean block-diagonal L x L mask (the reference the other two are tested against).
+"auto" picks flex on CUDA (documents if FlexAttention is unavailable) and documents on CPU.
 """
 
 from __future__ import annotations
 
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from ..errors import CurationError
 from .config import ModelConfig
+
+ATTENTION_BACKENDS = ("auto", "flex", "documents", "dense")
+PACKED_ATTENTION = "curation_packed"  # the LM's attention implementation name (registered below)
 
 
 def build_lm(cfg: ModelConfig, vocab_size: int) -> Qwen2ForCausalLM:
@@ -27,6 +47,8 @@ def build_lm(cfg: ModelConfig, vocab_size: int) -> Qwen2ForCausalLM:
                              tie_word_embeddings=True, use_cache=False)
         config._attn_implementation = "sdpa"
         lm = Qwen2ForCausalLM(config)
+    # the decoder layers take a PackedAttention as their attention_mask; anything else goes to SDPA
+    lm.config._attn_implementation = PACKED_ATTENTION
     cfg.vocab_size = vocab_size
     return lm
 
@@ -42,3 +64,118 @@ def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     allowed = same & causal & (segment_ids[:, :, None] > 0)
     allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device)
     return allowed[:, None]
+
+
+# ---------------------------------------------------------------- packed attention
+
+@dataclass
+class PackedAttention:
+    """Who attends to whom in a packed batch, prepared once per batch for one backend."""
+    backend: str  # flex | documents | dense
+    segment_ids: torch.Tensor  # [R, L]: 1, 2, ... per sample in a row; 0 = padding
+    dense_mask: torch.Tensor | None = None  # dense: [R, 1, L, L]
+    block_mask: object = None  # flex: a BlockMask
+    token_index: torch.Tensor | None = None  # documents: flat (row * L + col) index of each real token
+    document: torch.Tensor | None = None  # documents: which sample each real token belongs to
+    offset: torch.Tensor | None = None  # documents: its place within that sample
+    documents: int = 0
+    longest: int = 0
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in ATTENTION_BACKENDS:
+        raise CurationError(f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {backend!r}")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" and flex_available() else "documents"
+    return backend
+
+
+def packed_attention(segment_ids: torch.Tensor, backend: str = "auto") -> PackedAttention:
+    backend = resolve_backend(backend, segment_ids.device)
+    if backend == "dense":
+        return PackedAttention("dense", segment_ids, dense_mask=packed_causal_mask(segment_ids))
+    if backend == "flex":
+        return PackedAttention("flex", segment_ids, block_mask=_document_block_mask(segment_ids))
+    rows, length = segment_ids.shape
+    flat = segment_ids.flatten()
+    token_index = (flat > 0).nonzero().squeeze(1)
+    # a sample is a run of equal (row, segment) keys; segments are contiguous within a row
+    keys = (token_index // length) * (int(segment_ids.max()) + 1) + flat[token_index]
+    _, lengths = torch.unique_consecutive(keys, return_counts=True)
+    document = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    offset = torch.arange(len(token_index), device=flat.device) - starts[document]
+    return PackedAttention("documents", segment_ids, token_index=token_index, document=document, offset=offset,
+                           documents=len(lengths), longest=int(lengths.max()) if len(lengths) else 0)
+
+
+def _document_block_mask(segment_ids: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_sample_causal(b, h, q, kv):  # the dense mask's rule, evaluated block by block
+        return ((segment_ids[b, q] == segment_ids[b, kv]) & (q >= kv) & (segment_ids[b, q] > 0)) | (q == kv)
+
+    rows, length = segment_ids.shape
+    return create_block_mask(same_sample_causal, rows, None, length, length, device=segment_ids.device)
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask, scale):
+    """Compiled on CUDA (eager FlexAttention materialises the scores); eager elsewhere."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att: PackedAttention,
+                  scale: float | None = None) -> torch.Tensor:
+    """Causal self-attention within each packed sample: q [R, H, L, d], k/v [R, Hkv, L, d]
+    (grouped-query heads allowed) -> [R, H, L, d]. Padding positions attend to themselves."""
+    if att.backend == "dense":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=att.dense_mask, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    if att.backend == "flex":
+        return _flex(q, k, v, att.block_mask, scale)
+    rows, heads, length, dim = q.shape
+    groups = heads // k.shape[1]
+
+    def to_documents(x):  # [R, h, L, d] -> [documents, h, longest, d], zero padded at the end
+        tokens = x.transpose(1, 2).flatten(0, 1)[att.token_index]  # [N, h, d]
+        grid = x.new_zeros(att.documents, att.longest, x.shape[1], dim)
+        return grid.index_put((att.document, att.offset), tokens).transpose(1, 2)
+
+    # right padding is harmless under is_causal: a real query only sees keys before it
+    out = F.scaled_dot_product_attention(to_documents(q), to_documents(k), to_documents(v), is_causal=True,
+                                         scale=scale, enable_gqa=groups > 1)
+    per_token = out.transpose(1, 2)[att.document, att.offset]  # [N, H, d]
+    padding = v.repeat_interleave(groups, dim=1).transpose(1, 2).flatten(0, 1)  # what the dense mask gives padding
+    merged = padding.index_put((att.token_index,), per_token)
+    return merged.view(rows, length, heads, dim).transpose(1, 2)
+
+
+def _lm_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention interface: [R, L, H, d] out. A PackedAttention comes from the
+    VLM; a plain mask (the bare LM called on its own) goes to transformers' SDPA."""
+    if isinstance(attention_mask, PackedAttention):
+        return attend_packed(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+AttentionInterface.register(PACKED_ATTENTION, _lm_attention)
+AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)

@@ -1,5 +1,12 @@
 """The VLM: vision encoder -> connector -> causal LM, over packed batches (see data.py for
-the batch layout)."""
+the batch layout).
+
+Two engine settings, attributes rather than config (they change speed and memory, never the
+result, so a checkpoint does not carry them): `attention`, the packed-attention backend
+(lm.py: auto | flex | documents | dense), and `activation_checkpointing`, which recomputes
+each decoder layer (with the connector's blocks around it) in the backward pass instead of
+keeping its activations.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, resolve_layers
 from .connectors import LayerInputs, VisualMemory, build_connector
-from .lm import build_lm, packed_causal_mask
+from .lm import build_lm, packed_attention
 from .vision import VisionEncoder
 
 
@@ -31,6 +39,8 @@ class VLM(nn.Module):
         self.lm = build_lm(cfg, vocab_size)
         resolve_layers(cfg)  # layer lists from the depths just built (a loaded model's, not the preset's)
         self.connector = build_connector(cfg, self.lm)
+        self.attention = "auto"
+        self.activation_checkpointing = False
 
     def encode_images(self, pixels: torch.Tensor, layouts: list[tuple]) -> list[torch.Tensor]:
         if not layouts:
@@ -53,11 +63,15 @@ class VLM(nn.Module):
             memory = visual_memory(torch.stack(visual).to(embeds.dtype), slots, position_ids, segment_ids)
 
         rope = self.lm.model.rotary_emb(embeds, position_ids)
-        inputs = LayerInputs(packed_causal_mask(segment_ids), rope, position_ids,
+        inputs = LayerInputs(packed_attention(segment_ids, self.attention), rope, position_ids,
                              self.lm.model.rotary_emb, memory)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         hidden = embeds
         for index, layer in enumerate(self.lm.model.layers):
-            hidden = self.connector.run_layer(index, layer, hidden, inputs)
+            if recompute:  # non-reentrant: keyword inputs and frozen layers are fine
+                hidden = checkpoint(self.connector.run_layer, index, layer, hidden, inputs, use_reentrant=False)
+            else:
+                hidden = self.connector.run_layer(index, layer, hidden, inputs)
         logits = self.lm.lm_head(self.lm.model.norm(hidden)).float()
         return _loss(logits, batch["labels"])
 

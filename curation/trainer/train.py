@@ -7,6 +7,11 @@
   encoder trains at 1x). `trainable=` and `vision_lr_scale=` override.
 * Checkpoint = model, optimizer, scheduler, step and data position (batches consumed);
   running the same command again on the same --out resumes from it.
+* Gradient accumulation (`grad_accum` K): each optimizer step backpropagates K loader
+  batches (micro-batches of `batch_size` samples), each micro-batch's summed answer-token
+  loss divided by the answer tokens of all K (on every rank), so the gradient is the one of
+  a single batch of K x batch_size samples, whatever the packing.
+* `activation_checkpointing` and `attention` are the model's engine settings (model.py, lm.py).
 * One process on CPU; `torchrun --nproc-per-node N -m curation.cli train ...` gives DDP on
   GPUs (each rank streams its own shards), with bf16 autocast on GPU.
 """
@@ -18,6 +23,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from torch.utils.data import DataLoader
 from ..errors import CurationError
 from .config import ModelConfig, default_vision_lr_scale, model_config
 from .data import TrainBatches, find_stage, load_plan, plan_texts, stage_sources, to_device
+from .lm import resolve_backend
 from .model import VLM
 from .tokenizer import HFTokenizer, WordTokenizer, load_tokenizer, save_tokenizer
 
@@ -39,7 +46,10 @@ class TrainOptions:
     size: str = "tiny"
     stage: str | None = None  # default: the plan's first stage
     steps: int = 100
-    batch_size: int = 16  # samples per step (packed into rows of max_len tokens)
+    batch_size: int = 16  # samples per loader batch (packed into rows of max_len tokens)
+    grad_accum: int = 1  # loader batches per optimizer step
+    activation_checkpointing: bool = False  # recompute decoder layers in backward (less memory, ~1/3 more compute)
+    attention: str = "auto"  # packed attention backend (lm.py): auto | flex | documents | dense
     lr: float = 1e-3
     vision_lr_scale: float | None = None  # None: config.default_vision_lr_scale (per arch, stage, encoder)
     warmup: int = 20
@@ -89,6 +99,36 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def answer_tokens(batch: dict) -> int:
+    """Tokens the loss is taken over (labels shifted by one, as model._loss does)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def accumulate_gradients(trained, micro_batches: list[dict], autocast=None, world_size: int = 1) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step, leaving in .grad the gradient
+    of the mean answer-token loss over all of them (and over all ranks: DDP averages the
+    ranks' gradients, hence the world_size factor). Returns (this rank's mean loss, its
+    answer tokens)."""
+    tokens = sum(answer_tokens(b) for b in micro_batches)
+    device = micro_batches[0]["labels"].device
+    total = torch.tensor(float(tokens), device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(total)
+    total = total.clamp(min=1.0)
+    loss_sum = 0.0
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        # DDP: all-reduce gradients once, after the last micro-batch
+        sync = nullcontext() if last or not hasattr(trained, "no_sync") else trained.no_sync()
+        with sync:
+            with autocast or nullcontext():
+                output = trained(batch)
+            summed = output.token_loss.sum()
+            (summed * world_size / total).backward()
+        loss_sum += float(summed.detach())
+    return loss_sum / max(1, tokens), tokens
 
 
 # ---------------------------------------------------------------- building
@@ -155,14 +195,18 @@ def train(opts: TrainOptions, stop_after: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     recover_checkpoint(out)
     ckpt = out / "checkpoint"
+    if opts.grad_accum < 1:
+        raise CurationError("--grad-accum must be at least 1")
+    attention = resolve_backend(opts.attention, device)
     identity = {"arch": opts.arch, "size": opts.size, "stage": stage["name"], "trainable": mode,
-                "batch_size": opts.batch_size, "workers": opts.workers, "seed": opts.seed,
-                "world_size": dist["world_size"], "steps": opts.steps}
+                "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "workers": opts.workers,
+                "seed": opts.seed, "world_size": dist["world_size"], "steps": opts.steps}
 
     resume = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else None
     torch.manual_seed(opts.seed)
     if resume:
-        changed = {k: (resume.get(k), v) for k, v in identity.items() if resume.get(k) != v}
+        saved_identity = {"grad_accum": 1, **resume}  # checkpoints from before --grad-accum
+        changed = {k: (saved_identity.get(k), v) for k, v in identity.items() if saved_identity.get(k) != v}
         if changed:
             detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
             raise CurationError(f"{out} holds a run with other settings ({detail}); use another --out to start fresh")
@@ -179,6 +223,7 @@ def train(opts: TrainOptions, stop_after: int | None = None) -> dict:
             tok = build_tokenizer(plan, cfg)
             model = VLM(cfg, tok.vocab_size, tok.image_id)
     model.to(device)
+    model.attention, model.activation_checkpointing = attention, opts.activation_checkpointing
     set_trainable(model, mode)
     vision_lr_scale = opts.vision_lr_scale if opts.vision_lr_scale is not None \
         else default_vision_lr_scale(opts.arch, mode, pretrained_encoder=cfg.vision_id is not None)
@@ -208,7 +253,8 @@ def train(opts: TrainOptions, stop_after: int | None = None) -> dict:
     if is_main:
         print(f"{opts.arch}/{opts.size} stage {stage['name']} ({mode}, encoder lr x{vision_lr_scale:g}): "
               f"{counts['trainable_params']:,} trainable, "
-              f"{counts['frozen_params']:,} frozen parameters; "
+              f"{counts['frozen_params']:,} frozen parameters; {opts.batch_size} x {opts.grad_accum} samples "
+              f"per step, {attention} attention{', activation checkpointing' * opts.activation_checkpointing}; "
               + (f"resuming at step {step}" if step else "from scratch"))
 
     from tqdm import tqdm
@@ -217,24 +263,26 @@ def train(opts: TrainOptions, stop_after: int | None = None) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
     started, last = time.time(), None
     trained.train()
+    micro_batches: list[dict] = []
     with open(log_path, "a") if is_main else open(os.devnull, "w") as log:
         for batch in loader:
             if step >= opts.steps or (stop_after is not None and step >= stop_after):
                 break
-            batch = to_device(batch, device)
-            with autocast:
-                output = trained(batch)
-            output.loss.backward()
+            micro_batches.append(to_device(batch, device))
+            if len(micro_batches) < opts.grad_accum:
+                continue
+            last, _ = accumulate_gradients(trained, micro_batches, autocast, dist["world_size"])
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            batches_done += 1
-            last = float(output.loss.detach())
+            batches_done += len(micro_batches)
             log.write(json.dumps({"step": step, "loss": round(last, 5), "lr": scheduler.get_last_lr()[0],
-                                  "samples": len(batch["samples"]), "tokens": int((batch["segment_ids"] > 0).sum()),
+                                  "samples": sum(len(b["samples"]) for b in micro_batches),
+                                  "tokens": sum(int((b["segment_ids"] > 0).sum()) for b in micro_batches),
                                   "seconds": round(time.time() - started, 3)}) + "\n")
+            micro_batches = []
             log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{last:.3f}")
