@@ -328,7 +328,7 @@ def catalog_pool(ctx: Context) -> tuple[Path, list[tuple[str, Path, int]]]:
     params = {"version": CATALOG_VERSION, "file_rows": s.catalog_file_rows}
     stamp = pool / "params.json"
     if stamp.exists() and json.loads(stamp.read_text()) != params:
-        shutil.rmtree(pool)
+        shutil.rmtree(pool.parent)  # the runs' links too: they point at the old files
     pool.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(params))
     biggest = max(s.catalog_rows)
