@@ -93,6 +93,16 @@ def test_clips_remux_on_a_keyframe_reencode_elsewhere_and_repeat_exactly():
     assert capped["raw_key"].tolist() == ["a", "a.clip000", "a.clip001"]
 
 
+def test_a_cut_off_a_keyframe_is_reencoded_with_even_sides():
+    from curation.media import probe_video
+    from curation.ops.clips import cut
+
+    data, how = cut(PyAvVideo(clip([RED, BLUE], seconds=2.0, size=65)), 3, 10)  # frame 3: no keyframe
+    probe = probe_video(data)
+    assert how == "reencode" and (probe["width"], probe["height"], probe["num_frames"]) == (64, 64, 7)
+    assert probe["duration"] == pytest.approx(7 / 8)
+
+
 # ------------------------------------------------------------------ the recipe through the engine
 def raw_tar(path: Path, videos: dict[str, bytes]) -> Path:
     with tarfile.open(path, "w") as tar:

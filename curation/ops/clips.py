@@ -131,7 +131,9 @@ def cut(video: PyAvVideo, first: int, stop: int) -> tuple[bytes, str]:
         ist = src.streams.video[0]
         rate = ist.average_rate or ist.guessed_rate or 25
         ost = dst.add_stream("libx264", rate=rate, options=dict(X264_OPTIONS))
-        ost.width, ost.height, ost.pix_fmt = ist.codec_context.width, ist.codec_context.height, "yuv420p"
+        # x264's 4:2:0 needs even sides: an odd one loses its last pixel (scaled, not cropped).
+        width, height = ist.codec_context.width // 2 * 2, ist.codec_context.height // 2 * 2
+        ost.width, ost.height, ost.pix_fmt = width, height, "yuv420p"
         ost.codec_context.time_base = ist.time_base
         src.seek(p0, stream=ist, backward=True, any_frame=False)
         for frame in src.decode(ist):
@@ -139,7 +141,7 @@ def cut(video: PyAvVideo, first: int, stop: int) -> tuple[bytes, str]:
                 continue
             if not inside(frame.pts):
                 break
-            out = frame.reformat(format="yuv420p")
+            out = frame.reformat(format="yuv420p", width=width, height=height)
             out.pts, out.time_base = frame.pts - p0, ist.time_base
             for packet in ost.encode(out):
                 dst.mux(packet)
