@@ -61,12 +61,14 @@ def cmd_crawl(args) -> None:
 
     import inspect
 
+    from .crawl.optout import OptOutPolicy
     from .kinds import kind_of
 
     options = dict(url_col=args.url_col, caption_col=args.caption_col, source=args.source,
                    allow_private=args.allow_private, allowed_networks=tuple(args.allow_network),
                    threads=args.threads, timeout=args.timeout, retries=args.retries, ray_address=args.ray_address,
-                   processes=args.processes, require_images=args.require_images)
+                   processes=args.processes, require_images=args.require_images,
+                   optout=OptOutPolicy(**{s: False for s in args.ignore_signal}))
     if args.samples_per_shard:  # else the kind's crawler's own default (500 image_text, 100 documents/video)
         options["samples_per_shard"] = args.samples_per_shard
     crawler = kind_of(args.kind).crawler()
@@ -196,6 +198,24 @@ def _param_text(p: dict) -> str:
     if p["name"] == "(none)":
         return "(none)"
     return f"{p['name']}: {p['type']} (required)" if p["required"] else f"{p['name']}: {p['type']} = {p['default']!r}"
+
+
+def cmd_recheck_optout(args) -> int:
+    from .crawl.fetch import FetchPolicy
+    from .crawl.recheck import recheck_optout
+
+    policy = FetchPolicy(timeout=args.timeout, allow_private=args.allow_private,
+                         allowed_networks=tuple(args.allow_network))
+    result = recheck_optout(args.root, rules_path=args.rules, refetch=args.refetch, policy=policy)
+    print(f"rechecked {result['checked']} kept samples ({result['mode']}): {result['removed']} removed")
+    for reason, n in result["reasons"].items():
+        print(f"  dropped  {reason:<32} {n:>7}")
+    for shard in result["shards_rewritten"]:
+        print(f"  rewrote  {shard}")
+    if result["robots_unreachable_kept"]:
+        print(f"  {result['robots_unreachable_kept']} samples kept although their robots.txt is unreachable now; "
+              "run again later")
+    return 0
 
 
 def cmd_verify(args) -> int:
@@ -331,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved: keep a document only if all (or any) of its images arrived (default all)")
     c.add_argument("--timeout", type=float, default=10, help="seconds per socket operation (default 10)")
     c.add_argument("--retries", type=int, default=2, help="retries of transient failures, with backoff (default 2)")
+    c.add_argument("--ignore-signal", action="append", default=[], choices=["robots", "tdmrep", "ai_txt", "tdm_header"],
+                   help="do not check this opt-out signal (repeatable; all are honoured by default)")
     c.set_defaults(func=cmd_crawl)
 
     r = sub.add_parser("run", help="run (or resume) a curation pipeline over raw shards")
@@ -389,6 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("ops", help="list the registered operators with their options (or show one in full)")
     o.add_argument("name", nargs="?", help="an operator's name: show its documentation, options and columns")
     o.set_defaults(func=cmd_ops)
+
+    ro = sub.add_parser("recheck-optout", help="re-judge kept samples' opt-out evidence against new rules or a fresh "
+                        "fetch; rewrite only the tier shards that lose samples, and the ledger")
+    ro.add_argument("--root", required=True, help="a finished `curate run` output")
+    how = ro.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rules", help="YAML/JSON rules file: hosts: {scheme://host: {robots, tdmrep, ai_txt}}")
+    how.add_argument("--refetch", action="store_true", help="fetch robots.txt/tdmrep.json/ai.txt again (fetch policy)")
+    ro.add_argument("--allow-private", action="store_true", help="--refetch: allow private addresses")
+    ro.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                    help="--refetch: allow this private network only (repeatable)")
+    ro.add_argument("--timeout", type=float, default=10, help="--refetch: seconds per socket operation (default 10)")
+    ro.set_defaults(func=cmd_recheck_optout)
 
     v = sub.add_parser("verify", help="recheck every tier shard against its manifest (sha256, size, counts, order)")
     v.add_argument("--root", required=True, help="a `curate run` output (or a `curate demo` folder)")

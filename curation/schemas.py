@@ -195,10 +195,22 @@ def py_value(value: Any, arrow_type: pa.DataType) -> Any:
 
 def _arrow_value(value: Any, arrow_type: pa.DataType) -> Any:
     """A validated plain value as pyarrow takes it for `arrow_type` (date-time text ->
-    datetime; everything else as is)."""
+    datetime, also inside lists and structs; everything else as is)."""
     if pa.types.is_timestamp(arrow_type) and isinstance(value, str):
         return datetime.datetime.fromisoformat(value)
+    if pa.types.is_list(arrow_type) and isinstance(value, list):
+        return [_arrow_value(v, arrow_type.value_type) for v in value]
+    if pa.types.is_struct(arrow_type) and isinstance(value, dict):
+        return {**value, **{f.name: _arrow_value(value.get(f.name), f.type) for f in arrow_type}}
     return value
+
+
+def _has_timestamp(arrow_type: pa.DataType) -> bool:
+    if pa.types.is_timestamp(arrow_type):
+        return True
+    if pa.types.is_list(arrow_type):
+        return _has_timestamp(arrow_type.value_type)
+    return pa.types.is_struct(arrow_type) and any(_has_timestamp(f.type) for f in arrow_type)
 
 
 def typed_columns(name: str, declared: Declared = ()) -> dict[str, pa.DataType]:
@@ -291,7 +303,7 @@ def to_table(name: str, rows: list[dict[str, Any]] | pd.DataFrame, declared: Dec
         rows = plain_rows(name, rows, declared)
     validate_rows(name, rows, declared)
     schema = arrow_schema(name, declared)
-    timestamps = [f.name for f in schema if pa.types.is_timestamp(f.type)]
+    timestamps = [f.name for f in schema if _has_timestamp(f.type)]
     if timestamps:
         rows = [{**r, **{c: _arrow_value(r.get(c), schema.field(c).type) for c in timestamps}} for r in rows]
     return pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)

@@ -12,6 +12,9 @@
   dropped), then the image is decoded within that bound to catch corrupt files.
 * `X-Robots-Tag` opt-outs (noai, noimageai, noindex, noimageindex; global or addressed
   to our user agent) are honoured and recorded as reason `opt_out`.
+* Host opt-out signals (robots.txt, tdmrep.json, ai.txt; optout.py) are checked before
+  every hop's request, and the `tdm-reservation: 1` header on the response: refusals
+  are dropped as `opt_out:<signal>`; every check is kept in `Outcome.evidence`.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import threading
 import time
 import warnings
 from datetime import datetime, timezone
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
 
 from PIL import Image
 
 from .. import __version__
+from . import optout as signals_lib
 from .guard import check_url, resolve
 
 USER_AGENT_TOKEN = "curation-vlm"
@@ -57,6 +61,10 @@ class FetchPolicy:
     allowed_networks: tuple[str, ...] = ()
     opt_out: tuple[str, ...] = OPT_OUT_DIRECTIVES
     user_agent: str = USER_AGENT
+    optout: signals_lib.OptOutPolicy = signals_lib.OptOutPolicy()
+    # host -> robots.txt/tdmrep.json/ai.txt records, fetched once per host (None: host
+    # signals are not checked). Pickles as an empty cache over the same store folder.
+    signals: signals_lib.HostSignals | None = field(default_factory=signals_lib.HostSignals, compare=False, repr=False)
     # host -> addresses; None is the system resolver. Tests inject one so that no name is
     # ever looked up. It travels to img2dataset's workers, so it must pickle (a module-level
     # function, not a lambda).
@@ -84,6 +92,7 @@ class Outcome:
     transient: bool = False
     http_status: int | None = None
     fetched_at: datetime | None = None
+    evidence: list = field(default_factory=list)  # opt-out checks (optout.evaluate entries)
 
 
 ERROR_PREFIX = "curation:"
@@ -93,7 +102,8 @@ def encode_outcome(o: Outcome) -> str:
     """An outcome as an error string (img2dataset's error_message column), decodable by decode_error."""
     return ERROR_PREFIX + json.dumps({"status": o.status, "reason": o.reason, "error": o.error,
                                       "transient": o.transient, "http_status": o.http_status,
-                                      "fetched_at": o.fetched_at.isoformat() if o.fetched_at else None})
+                                      "fetched_at": o.fetched_at.isoformat() if o.fetched_at else None,
+                                      "evidence": o.evidence})
 
 
 def decode_error(message: str | None) -> dict | None:
@@ -109,9 +119,11 @@ class _Transient(Exception):
 
 
 class _Final(Exception):
-    def __init__(self, status: str, reason: str, error: str | None = None):
+    """Not retried within this fetch; `transient`: worth a later crawl run."""
+
+    def __init__(self, status: str, reason: str, error: str | None = None, transient: bool = False):
         super().__init__(error or reason)
-        self.status, self.reason, self.error = status, reason, error
+        self.status, self.reason, self.error, self.transient = status, reason, error, transient
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
@@ -242,6 +254,7 @@ def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver, seen: dict) 
                 raise _Final("failed", "dns_error", verdict.error or "name resolution failed")  # NXDOMAIN etc.
             raise _Final("dropped" if verdict.reason in ("private_address", "bad_url") else "failed", verdict.reason,
                          verdict.error or f"refused address for {urlsplit(current).hostname}")
+        _check_host_signals(current, policy, resolver, seen)
         parts = urlsplit(current)
         port = parts.port or (443 if parts.scheme == "https" else 80)  # http.client misreads "[v6]" alone
         conn_cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
@@ -269,9 +282,7 @@ def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver, seen: dict) 
                 raise _Transient("http_error", f"HTTP {resp.status} {resp.reason}")
             if resp.status != 200:
                 raise _Final("failed", "http_error", f"HTTP {resp.status} {resp.reason}")
-            directive = opted_out(resp.headers.get_all("X-Robots-Tag") or [], policy.opt_out)
-            if directive:
-                raise _Final("dropped", "opt_out", f"X-Robots-Tag: {directive}")
+            _check_response_signals(resp, current, policy, seen)
             data = _read_body(resp, policy.cap(kind), deadline)
             if kind == "image":
                 check_image(data, policy.max_pixels, policy.verify_images)
@@ -288,8 +299,44 @@ def _fetch_once(url: str, kind: str, policy: FetchPolicy, resolver, seen: dict) 
     raise _Final("failed", "too_many_redirects", f"more than {policy.max_redirects} redirects")
 
 
+def _check_host_signals(url: str, policy: FetchPolicy, resolver, seen: dict) -> None:
+    """robots.txt, tdmrep.json, ai.txt of `url`'s host (fetched once per host, with the
+    same resolver as the url)."""
+    if policy.signals is None or not policy.optout.host_signals():
+        return
+    policy = replace(policy, resolver=resolver)
+    entries = policy.signals.check(url, policy)
+    seen["evidence"].extend(entries)
+    hit = signals_lib.refusal(entries)
+    if hit is None:
+        return
+    if hit["outcome"] == "refused":
+        raise _Final("dropped", signals_lib.refusal_reason(hit), f"{hit['source']}: {hit['rule']}")
+    rec = policy.signals.record(url, "robots", policy)  # unreachable: disallow all, ask again next run
+    raise _Final("failed", rec.get("reason") or "robots_unreachable",
+                 f"{hit['source']} unreachable ({rec.get('error')}): disallow all (RFC 9309)", transient=True)
+
+
+def _check_response_signals(resp, url: str, policy: FetchPolicy, seen: dict) -> None:
+    """`tdm-reservation: 1` (TDMRep) and X-Robots-Tag on a 200 response."""
+    stamp = {"target": url, "source": "header", "fetched_at": seen["fetched_at"].isoformat(), "http_status": resp.status}
+    if policy.optout.tdm_header:
+        reserved = (resp.getheader("tdm-reservation") or "").strip() == "1"
+        seen["evidence"].append({"signal": "tdm_header", "outcome": "refused" if reserved else "allowed",
+                                 "rule": "tdm-reservation: 1" if reserved else None, **stamp})
+        if reserved:
+            raise _Final("dropped", "opt_out:tdm", "tdm-reservation: 1")
+    if policy.opt_out:
+        directive = opted_out(resp.headers.get_all("X-Robots-Tag") or [], policy.opt_out)
+        seen["evidence"].append({"signal": "x_robots_tag", "outcome": "refused" if directive else "allowed",
+                                 "rule": f"X-Robots-Tag: {directive}" if directive else None, **stamp})
+        if directive:
+            raise _Final("dropped", "opt_out", f"X-Robots-Tag: {directive}")
+
+
 def _stamped(outcome: Outcome, seen: dict) -> Outcome:
     outcome.http_status, outcome.fetched_at = seen.get("http_status"), seen["fetched_at"]
+    outcome.evidence = signals_lib.merge(seen["evidence"])
     return outcome
 
 
@@ -302,13 +349,13 @@ def fetch(url: str, kind: str = "image", policy: FetchPolicy | None = None,
     resolver = resolver or policy.resolver or resolve
     last: Outcome | None = None
     for attempt in range(1, policy.retries + 2):
-        seen: dict = {"fetched_at": datetime.now(timezone.utc)}
+        seen: dict = {"fetched_at": datetime.now(timezone.utc), "evidence": []}
         try:
             outcome = _fetch_once(url, kind, policy, resolver, seen)
             outcome.attempts = attempt
             return _stamped(outcome, seen)
         except _Final as exc:
-            return _stamped(Outcome(url, exc.status, exc.reason, exc.error, attempts=attempt), seen)
+            return _stamped(Outcome(url, exc.status, exc.reason, exc.error, attempts=attempt, transient=exc.transient), seen)
         except _Transient as exc:
             last = _stamped(Outcome(url, "failed", exc.reason, exc.error, attempts=attempt, transient=True), seen)
         except (TimeoutError, socket.timeout) as exc:

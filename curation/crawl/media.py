@@ -45,6 +45,7 @@ from ..wds import _tarinfo
 from .documents import SAMPLE_CAPS, read_documents
 from .fetch import FetchPolicy, fetch
 from .guard import url_problem
+from .optout import HostSignals, OptOutPolicy, evidence_json, merge, round_store
 from .rounds import crawl_in_rounds
 from .sources import read_url_list
 
@@ -65,11 +66,13 @@ def _too_large(error: str) -> dict:
 
 def fetch_stamp(outcomes: list) -> dict:
     """A document's fetch time and HTTP status for the ledger: when its first image was
-    fetched; the first image that did not arrive's status (None: no response), else 200."""
+    fetched; the first image that did not arrive's status (None: no response), else 200;
+    and every image's opt-out evidence."""
     fetched = [o for o in outcomes if o is not None]
     missing = [o for o in fetched if o.status != "kept"]
     return {"fetched_at": fetched[0].fetched_at if fetched else None,
-            "http_status": missing[0].http_status if missing else (200 if fetched else None)}
+            "http_status": missing[0].http_status if missing else (200 if fetched else None),
+            "optout_evidence": merge([e for o in fetched for e in o.evidence]) or None}
 
 
 def fetch_document(row: dict, policy: FetchPolicy, require_images: str = "all") -> dict:
@@ -148,7 +151,7 @@ def probe_video(data: bytes) -> dict:
 
 def fetch_video(row: dict, policy: FetchPolicy) -> dict:
     o = fetch(row["url"], "video", policy)
-    stamp = {"fetched_at": o.fetched_at, "http_status": o.http_status}
+    stamp = {"fetched_at": o.fetched_at, "http_status": o.http_status, "optout_evidence": o.evidence or None}
     if o.status != "kept":
         return {"status": o.status, "reason": o.reason, "error": o.error, "transient": o.transient, **stamp}
     try:
@@ -166,12 +169,17 @@ def fetch_video(row: dict, policy: FetchPolicy) -> dict:
 
 # --------------------------------------------------------------------------- rounds
 # A raw shard's listing: one row per attempted sample (fetched_at: a real time, so the
-# listing is the one crawl output that differs between two crawls of the same list).
-LISTING_COLUMNS = ["uid", "raw_key", "status", "reason", "error", "transient", "http_status", "fetched_at"]
+# listing is the one crawl output that differs between two crawls of the same list;
+# optout_evidence: JSON text of optout.evaluate entries).
+LISTING_COLUMNS = ["uid", "raw_key", "status", "reason", "error", "transient", "http_status", "fetched_at",
+                   "optout_evidence"]
 
 
 def read_media_shard(pq_path: Path) -> pd.DataFrame:
-    return pd.read_parquet(pq_path, columns=[c for c in LISTING_COLUMNS if c in pq.read_schema(pq_path).names])
+    frame = pd.read_parquet(pq_path, columns=[c for c in LISTING_COLUMNS if c in pq.read_schema(pq_path).names])
+    if "optout_evidence" in frame:
+        frame["optout_evidence"] = [json.loads(v) if isinstance(v, str) else None for v in frame["optout_evidence"]]
+    return frame
 
 
 def _tar_size(files: list[tuple[str, bytes]]) -> int:
@@ -204,7 +212,8 @@ class ShardWriter:
         kept = res["status"] == "kept"
         self.rows.append({"uid": item["uid"], "raw_key": key if kept else None,
                           **{k: res[k] for k in ("status", "reason", "error", "transient")},
-                          "http_status": res.get("http_status"), "fetched_at": res.get("fetched_at")})
+                          "http_status": res.get("http_status"), "fetched_at": res.get("fetched_at"),
+                          "optout_evidence": evidence_json(res["optout_evidence"]) if res.get("optout_evidence") else None})
         if kept:
             for ext, data in sample_members(res):
                 self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
@@ -277,12 +286,15 @@ def roll_forward(out_dir: Path, prefix: str) -> None:
 
 
 def _run_round(round_dir: Path, prefix: str, out_dir: Path, fetch_one: Callable[[dict], dict], *,
-               threads: int, samples_per_shard: int, max_shard_bytes: int = GiB) -> None:
+               threads: int, samples_per_shard: int, max_shard_bytes: int = GiB,
+               signals: HostSignals | None = None) -> None:
     """Fetch the round's items into shards of at most `samples_per_shard` rows and (unless
     one sample alone is larger) `max_shard_bytes` bytes of tar. Shards are written in input
     order, one at a time, so the finished ones (those with a parquet) cover a prefix of
     the items; a resumed round skips their uids and goes on with the next shard number."""
     items = pd.read_parquet(round_dir / "items.parquet").to_dict(orient="records")
+    if signals is not None:  # each round asks the hosts again, and keeps what they said
+        signals.__init__(round_store(round_dir))
     roll_forward(out_dir, prefix)
     done: set = set()
     next_no = 0
@@ -332,14 +344,15 @@ def crawl_media(kind: str, input_path: str | Path, out_dir: str | Path, *, url_c
                 caption_col: str | None = None, source: str | None = None, allow_private: bool = False,
                 allowed_networks: tuple[str, ...] = (), threads: int = 16, samples_per_shard: int = 100,
                 timeout: float = 10, retries: int = 2, require_images: str = "all",
-                max_shard_bytes: int = GiB, policy: FetchPolicy | None = None) -> pd.DataFrame:
+                max_shard_bytes: int = GiB, policy: FetchPolicy | None = None,
+                optout: OptOutPolicy | None = None) -> pd.DataFrame:
     """Crawl (or resume) documents (kind="interleaved") or videos (kind="video"). A raw
     shard closes at `samples_per_shard` attempted samples or `max_shard_bytes` of tar,
     whichever comes first; memory holds about 2 x `threads` samples, not a shard."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     policy = policy or FetchPolicy(timeout=timeout, retries=retries, allow_private=allow_private,
-                                   allowed_networks=tuple(allowed_networks))
+                                   allowed_networks=tuple(allowed_networks), optout=optout or OptOutPolicy())
     if not is_kind(kind):
         raise InputError(f"unknown crawl kind {kind!r}")
     items, valid, refusals, fetch_one = kind_of(kind).crawl_items(  # curation.kinds: which reader and fetch
@@ -347,5 +360,6 @@ def crawl_media(kind: str, input_path: str | Path, out_dir: str | Path, *, url_c
     return crawl_in_rounds(items, valid, out_dir, kind,
                            lambda round_dir, prefix: _run_round(round_dir, prefix, out_dir, fetch_one, threads=threads,
                                                                 samples_per_shard=samples_per_shard,
-                                                                max_shard_bytes=max_shard_bytes),
+                                                                max_shard_bytes=max_shard_bytes,
+                                                                signals=policy.signals),
                            read_media_shard, refusals)

@@ -30,7 +30,9 @@ from ..fsutil import atomic_write_parquet, atomic_write_text
 from . import ledger_name
 
 # fetched_at/http_status: absent from shards an older crawl wrote (read as null).
-RESULT_COLUMNS = ["uid", "raw_key", "raw_shard", "status", "reason", "error", "transient", "http_status", "fetched_at"]
+# optout_evidence: a list of optout.evaluate entries per row (absent from older crawls).
+RESULT_COLUMNS = ["uid", "raw_key", "raw_shard", "status", "reason", "error", "transient", "http_status", "fetched_at",
+                  "optout_evidence"]
 
 
 def fix_input(items: pd.DataFrame, out_dir: Path, kind: str) -> None:
