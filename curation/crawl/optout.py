@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import tempfile
 import threading
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..fsutil import atomic_write_text
 
 SIGNAL_PATHS = {"robots": "/robots.txt", "tdmrep": "/.well-known/tdmrep.json", "ai_txt": "/ai.txt"}
 HOST_SIGNALS = tuple(SIGNAL_PATHS)
@@ -229,10 +230,22 @@ class HostSignals:
                 else:
                     rec = fetch_record(origin(url) + SIGNAL_PATHS[signal], policy)
                     if self.store:
-                        Path(self.store).mkdir(parents=True, exist_ok=True)
-                        atomic_write_text(self._path(key), json.dumps(rec))
+                        self._write(key, rec)
             self._records[key] = rec
             return rec
+
+    def _write(self, key: str, rec: dict) -> None:
+        """Atomically, under a name of its own: img2dataset's worker processes may write
+        the same host's record at once (either copy is a whole record)."""
+        Path(self.store).mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.store, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(rec))
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def check(self, url: str, policy) -> list[dict]:
         """Evidence entries for `url` under every host signal `policy.optout` turns on."""
