@@ -20,7 +20,7 @@ from curation import schemas
 from curation.cli import main
 from curation.crawl.fetch import FetchPolicy, fetch
 from curation.crawl.media import crawl_media
-from curation.crawl.optout import OptOutPolicy, evaluate, most_specific, parse_robots, record_from_text
+from curation.crawl.optout import OptOutPolicy, evaluate, matches, most_specific, parse_robots, record_from_text
 from curation.crawl.recheck import recheck_optout
 from curation.demo.server import serve
 from curation.tiers.verify import verify
@@ -95,6 +95,7 @@ def test_robots_groups_and_precedence():
     assert parse_robots(ROBOTS, "someone-else") == [("/", False)]  # the * group
     assert most_specific([("/a", False), ("/a", True)], "/a/x") == ("/a", True)  # a tie: allow
     assert parse_robots("User-agent: *\nDisallow:\n", "curation-vlm") == []  # empty disallow: nothing
+    assert not matches("/" + "*a" * 300 + "b", "/" + "a" * 8000)  # no catastrophic backtracking
 
 
 def test_ai_txt_and_tdmrep_evaluation():
@@ -284,6 +285,10 @@ def test_recheck_with_rules_rewrites_only_shards_that_lose_samples(tmp_path, cap
     import numpy as np
 
     assert np.load(root / "tiers" / "a" / "a-000000.clip.npy").shape[0] == 1
+    # reproducible: the tar a run writing only the remaining sample writes
+    rows = pq.read_table(root / "tiers" / "a" / "a-000000.parquet").to_pylist()
+    write_shard(tmp_path / "fresh.tar", rows, [[("jpg", jpeg_bytes(int(UIDS[1], 16)))]])
+    assert (tmp_path / "fresh.tar").read_bytes() == after[Path("a/a-000000.tar")][0]
     checked, problems = verify(root)
     assert problems == [] and checked == 2
     ledger = {r["uid"]: r for r in pq.read_table(root / "ledger.parquet").to_pylist()}
@@ -292,9 +297,11 @@ def test_recheck_with_rules_rewrites_only_shards_that_lose_samples(tmp_path, cap
     assert ledger[UIDS[0]]["error"] == f"{base}/robots.txt: Disallow: /img/"
     summary = json.loads((root / "summary.json").read_text())
     assert summary["curate"] == {"kept": 2, "dropped": 4} and summary["tiers"]["a"]["samples"] == 1
+    assert summary["optout_rechecks"][0]["removed"] == 3
     # run again: nothing left to remove, nothing rewritten
     snap = _snapshot(root)
     assert recheck_optout(root, rules_path=rules)["removed"] == 0 and _snapshot(root) == snap
+    assert json.loads((root / "summary.json").read_text()) == summary
 
 
 def test_recheck_refetch_and_hostile_rules(site, tmp_path, capsys):

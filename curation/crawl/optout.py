@@ -29,10 +29,10 @@ processes (img2dataset's workers) and `curate recheck-optout` read the same reco
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import re
 import tempfile
 import threading
 from dataclasses import dataclass, replace
@@ -45,7 +45,7 @@ SIGNAL_PATHS = {"robots": "/robots.txt", "tdmrep": "/.well-known/tdmrep.json", "
 HOST_SIGNALS = tuple(SIGNAL_PATHS)
 RESPONSE_SIGNALS = ("tdm_header", "x_robots_tag")
 SIGNAL_BYTES = 512 * 1024  # RFC 9309 2.5: parse at least 500 KiB
-MAX_RULES = 20_000  # per file: patterns compiled to regular expressions
+MAX_LINES = 5_000  # per file: every rule is tried on every url of the host
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,27 @@ class OptOutPolicy:
 
 
 # --------------------------------------------------------------------------- rules
-def _pattern_regex(pattern: str) -> re.Pattern:
+def matches(pattern: str, target: str) -> bool:
+    """RFC 9309 matching: `*` is any run of characters, a final `$` anchors the end, else
+    the pattern is a prefix. Wildcard matching that backtracks only to the last `*`
+    (at most len(pattern) x len(target) steps: a hostile pattern cannot blow up)."""
     anchored = pattern.endswith("$")
-    body = pattern[:-1] if anchored else pattern
-    return re.compile("".join(".*" if c == "*" else re.escape(c) for c in body) + ("$" if anchored else ""), re.S)
+    pattern = pattern[:-1] if anchored else pattern + "*"
+    p = t = 0
+    star, mark = -1, 0
+    while t < len(target):
+        if p < len(pattern) and pattern[p] == "*":
+            star, mark, p = p, t, p + 1
+        elif p < len(pattern) and pattern[p] == target[t]:
+            p, t = p + 1, t + 1
+        elif star >= 0:
+            mark += 1
+            p, t = star + 1, mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
 
 
 def _target(url: str) -> str:
@@ -81,12 +98,13 @@ def _normalise(pattern: str) -> str:
     return quote(pattern, safe="/%:@!$&'()*+,;=-._~?")
 
 
+@functools.lru_cache(maxsize=64)  # a host's file is read once, not once per url
 def parse_robots(text: str, token: str, anywhere: bool = False) -> list[tuple[str, bool]]:
     """The (pattern, allow) rules that apply to `token`: its own groups merged, else the
     `*` groups. `anywhere`: a pattern without a leading / matches anywhere (ai.txt)."""
     groups: list[tuple[set[str], list[tuple[str, bool]]]] = []
     agents: set[str] | None = None
-    for raw in text.splitlines()[:MAX_RULES]:
+    for raw in text.splitlines()[:MAX_LINES]:
         line = raw.split("#", 1)[0].strip()
         key, sep, value = line.partition(":")
         if not sep:
@@ -116,19 +134,20 @@ def most_specific(rules: list[tuple[str, bool]], target: str) -> tuple[str, bool
     """RFC 9309 2.2.2: the longest matching pattern; allow wins a tie."""
     best = None
     for pattern, allow in rules:
-        if _pattern_regex(pattern).match(target) and (
+        if matches(pattern, target) and (
                 best is None or len(pattern) > len(best[0]) or (len(pattern) == len(best[0]) and allow)):
             best = (pattern, allow)
     return best
 
 
-def parse_tdmrep(text: str) -> list[dict]:
+@functools.lru_cache(maxsize=64)
+def parse_tdmrep(text: str) -> tuple[dict, ...]:
     """tdmrep.json's rules ({location, reserved, policy}); raises ValueError when malformed."""
     doc = json.loads(text)
     if not isinstance(doc, list):
         raise ValueError("tdmrep.json is not a JSON list")
     rules = []
-    for entry in doc[:MAX_RULES]:
+    for entry in doc[:MAX_LINES]:
         if not isinstance(entry, dict) or not isinstance(entry.get("location"), str):
             raise ValueError("a tdmrep.json entry has no string location")
         reserved = entry.get("tdm-reservation")
@@ -137,7 +156,7 @@ def parse_tdmrep(text: str) -> list[dict]:
         policy = entry.get("tdm-policy")
         rules.append({"location": _normalise(entry["location"]), "reserved": int(reserved) == 1,
                       "policy": policy if isinstance(policy, str) else None})
-    return rules
+    return tuple(rules)
 
 
 def evaluate(signal: str, record: dict, url: str, token: str) -> dict:

@@ -232,29 +232,39 @@ def recheck_optout(root: str | Path, rules_path: str | Path | None = None, refet
         schemas.validate_document("manifest", manifest)
         atomic_write_text(tier_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         write_card(tier_dir, manifest)
-    n_ledger = update_ledger(run_root, removed) if removed else None
+    if removed:
+        update_ledger(run_root, removed)
     result = {"checked": len(samples), "removed": len(removed), "shards_rewritten": rewritten,
               "reasons": {r: sum(1 for v in removed.values() if v["reason"] == r)
                           for r in sorted({v["reason"] for v in removed.values()})},
               "robots_unreachable_kept": len(unreachable - set(removed)),
               "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "mode": "refetch" if refetch else f"rules {Path(rules_path).name}"}
-    if removed:
-        _update_summary(run_root, result, n_ledger)
+    _update_summary(run_root, result)
     return result
 
 
-def _update_summary(run_root: Path, result: dict, n_ledger: int) -> None:
+def _update_summary(run_root: Path, result: dict) -> None:
+    """summary.json after a recheck: counts from the ledger and manifests. The rows that
+    rechecks moved and the summary does not count yet (this one's, or a crashed one's)
+    move from kept to dropped in stage B's counts."""
     path = run_root / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
-    summary["ledger_rows"] = n_ledger
+    ledger = sql_str(str(run_root / "ledger.parquet"))
+    rows, moved = duckdb.connect().execute(f"""SELECT count(*), count(*) FILTER (WHERE reason LIKE 'opt_out_recheck:%')
+                                               FROM read_parquet({ledger})""").fetchone()
+    counted = sum(r.get("removed", 0) for r in summary.get("optout_rechecks", []))
+    if moved == counted:
+        return
+    summary["ledger_rows"] = rows
     summary["by_stage_status_reason"] = summary_rows([run_root / "ledger.parquet"])
     for tier_dir in sorted(p for p in (run_root / "tiers").iterdir() if (p / "manifest.json").exists()):
         m = json.loads((tier_dir / "manifest.json").read_text())
         summary.setdefault("tiers", {})[tier_dir.name] = {"samples": m["num_samples"], "shards": len(m["shards"]),
                                                           "bytes": m["num_bytes"]}
-    if isinstance(summary.get("curate"), dict):  # stage B's counts, with this recheck's moves
-        summary["curate"]["kept"] = summary["curate"].get("kept", 0) - result["removed"]
-        summary["curate"]["dropped"] = summary["curate"].get("dropped", 0) + result["removed"]
-    summary.setdefault("optout_rechecks", []).append({k: result[k] for k in ("at", "mode", "removed", "reasons")})
+    if isinstance(summary.get("curate"), dict):  # stage B's counts, with the rechecks' moves
+        summary["curate"]["kept"] = summary["curate"].get("kept", 0) - (moved - counted)
+        summary["curate"]["dropped"] = summary["curate"].get("dropped", 0) + (moved - counted)
+    summary.setdefault("optout_rechecks", []).append(
+        {**{k: result[k] for k in ("at", "mode", "reasons")}, "removed": moved - counted})
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
