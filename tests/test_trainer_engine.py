@@ -178,3 +178,61 @@ def test_peak_table_by_device_name():
     assert peak_flops("NVIDIA H200") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("Some Future Accelerator") is None
+
+
+# ---------------------------------------------------------------- the training loop
+
+def tiny_plan(root) -> str:
+    """A one-tier plan over one real tier shard (tar + sidecar) of 12 captioned images."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .test_trainer_faithful import held_out_uids, image_png, write_tar
+
+    folder = root / "tiers" / "t"
+    folder.mkdir(parents=True)
+    colours = ["red", "green", "blue"]
+    rows = [(u, f"a {colours[i % 3]} square.") for i, u in enumerate(held_out_uids(12, held=False))]
+    write_tar(folder / "000000.tar", [
+        {"__key__": u, "json": json.dumps({"uid": u, "kind": "image_text", "caption": text}).encode(),
+         "png": image_png((200 * (i % 3 == 0), 200 * (i % 3 == 1), 200 * (i % 3 == 2)))}
+        for i, (u, text) in enumerate(rows)])
+    pq.write_table(pa.table({"text": [t for _, t in rows], "source_meta": [None] * len(rows)}),
+                   folder / "000000.parquet")
+    plan = {"root": str(root), "stages": [{"name": "s", "mix": [{"tier": "t", "samples": 12,
+                                                                  "shards": {"000000.tar": None}}]}]}
+    (root / "plan.json").write_text(json.dumps(plan))
+    return str(root / "plan.json")
+
+
+def test_train_loop_accumulates_micro_batches_like_one_big_batch(tmp_path, monkeypatch):
+    import json
+
+    from curation.errors import CurationError
+    from curation.trainer import train as train_module
+    from curation.trainer.train import TrainOptions, load_run, train
+
+    monkeypatch.setattr(train_module, "plot_losses", lambda *a: None)  # matplotlib is not what this tests
+
+    plan = tiny_plan(tmp_path / "curated")
+    common = dict(plan=plan, arch="llava", steps=2, workers=0, shuffle_buffer=1, warmup=1, save_every=100,
+                  progress=False, trainable="full")
+    train(TrainOptions(out=str(tmp_path / "big"), batch_size=4, **common))
+    train(TrainOptions(out=str(tmp_path / "acc"), batch_size=2, grad_accum=2, activation_checkpointing=True,
+                       **common))
+
+    def log(run):
+        return [json.loads(line) for line in (tmp_path / run / "loss.jsonl").read_text().splitlines()]
+    big, acc = log("big"), log("acc")
+    assert [r["samples"] for r in acc] == [4, 4] and [r["tokens"] for r in acc] == [r["tokens"] for r in big]
+    assert [r["loss"] for r in acc] == pytest.approx([r["loss"] for r in big], abs=2e-4)
+    state = json.loads((tmp_path / "acc" / "checkpoint" / "state.json").read_text())
+    assert (state["step"], state["batches_done"], state["grad_accum"]) == (2, 4, 2)
+    big_model, acc_model = load_run(tmp_path / "big")[0], load_run(tmp_path / "acc")[0]
+    for (name, a), b in zip(big_model.state_dict().items(), acc_model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+    with pytest.raises(CurationError, match="grad_accum 2 -> 1"):  # resuming with another effective batch
+        train(TrainOptions(out=str(tmp_path / "acc"), batch_size=2, **{**common, "steps": 3}))

@@ -12,10 +12,13 @@ Packed attention has three backends, all giving the same result (tests/test_trai
   is sum-of-squares of sample lengths padded to the longest, never L x L.
 * "dense": the boolean block-diagonal L x L mask (the reference the other two are tested against).
 "auto" picks flex on CUDA (documents if FlexAttention is unavailable) and documents on CPU.
+If FlexAttention fails to compile on the device (no Triton, say), it warns once and the run
+goes on with the documents backend, which a flex PackedAttention carries too.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +105,14 @@ def packed_attention(segment_ids: torch.Tensor, backend: str = "auto") -> Packed
     backend = resolve_backend(backend, segment_ids.device)
     if backend == "dense":
         return PackedAttention("dense", segment_ids, dense_mask=packed_causal_mask(segment_ids))
+    att = _documents(segment_ids)
     if backend == "flex":
-        return PackedAttention("flex", segment_ids, block_mask=_document_block_mask(segment_ids))
+        att.backend, att.block_mask = "flex", _document_block_mask(segment_ids)
+    return att
+
+
+def _documents(segment_ids: torch.Tensor) -> PackedAttention:
+    """Where each real token sits in a [documents, longest] layout of the packed samples."""
     rows, length = segment_ids.shape
     flat = segment_ids.flatten()
     token_index = (flat > 0).nonzero().squeeze(1)
@@ -128,18 +137,29 @@ def _document_block_mask(segment_ids: torch.Tensor):
 
 
 _compiled_flex = None
+_flex_failed = False
 
 
-def _flex(q, k, v, block_mask, scale):
+def _flex(q, k, v, att: PackedAttention, scale):
     """Compiled on CUDA (eager FlexAttention materialises the scores); eager elsewhere."""
-    global _compiled_flex
+    global _compiled_flex, _flex_failed
     from torch.nn.attention.flex_attention import flex_attention
 
-    if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention)
-        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=att.block_mask, scale=scale, enable_gqa=True)
+    if _flex_failed:
+        return _attend_documents(q, k, v, att, scale)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    try:
+        return _compiled_flex(q, k, v, block_mask=att.block_mask, scale=scale, enable_gqa=True)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a compiler failure: same result from the documents path
+        _flex_failed = True
+        warnings.warn(f"FlexAttention failed on {q.device} ({type(exc).__name__}: {str(exc)[:200]}); "
+                      f"using --attention documents instead")
+        return _attend_documents(q, k, v, att, scale)
 
 
 def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att: PackedAttention,
@@ -150,7 +170,11 @@ def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att: Packed
         return F.scaled_dot_product_attention(q, k, v, attn_mask=att.dense_mask, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
     if att.backend == "flex":
-        return _flex(q, k, v, att.block_mask, scale)
+        return _flex(q, k, v, att, scale)
+    return _attend_documents(q, k, v, att, scale)
+
+
+def _attend_documents(q, k, v, att: PackedAttention, scale):
     rows, heads, length, dim = q.shape
     groups = heads // k.shape[1]
 
