@@ -38,6 +38,9 @@ def _row(uid: str, data: bytes, phash: str | None = None) -> dict:
             "phash": phash or phash_hex(image), "width": image.width, "height": image.height}
 
 
+CHEAP = {"crop_grid": 1, "crop_scales": [0.9]}  # one crop: for tests that are not about crops
+
+
 def _run(rows, root, **params):
     params = {"root": str(root), "sets": [{"name": "bench", "path": "bench"}], **params}
     op = Decontaminate(Decontaminate.parse_params(params, "test"))
@@ -85,7 +88,7 @@ def test_hamming_threshold_is_inclusive_and_aspect_must_agree(tmp_path):
             {**base, "uid": "wide", "sha256": "2" * 64, "phash": flipped(0), **far},
             {**base, "uid": "nohash", "sha256": "3" * 64, "phash": None},
             {**base, "uid": "gone", "sha256": data and hashlib.sha256(data).hexdigest(), "status": "dropped", "reason": "too_small"}]
-    out = _run(rows, tmp_path, max_hamming=4, crop_grid=1, crop_scales=[0.9])
+    out = _run(rows, tmp_path, max_hamming=4, **CHEAP)
     assert out.at["at4", "reason"] == "contaminated:bench" and out.at["at4", "contamination_match"] == "phash:4"
     assert out.at["at5", "status"] == "kept"
     assert out.at["wide", "status"] == "kept"  # same hash, not the reference's shape
@@ -97,7 +100,7 @@ def test_corrupt_reference_items_are_skipped_with_a_reason(tmp_path, capsys):
     refs = _scene_images(2, seed=4)
     data = _bench(tmp_path, refs, extra=[("broken", [("jpg", b"\xff\xd8\xff not a jpeg")]),
                                          ("empty", [("txt", b"a question without its image")])])
-    out = _run([_row("copy", data[1])], tmp_path)
+    out = _run([_row("copy", data[1])], tmp_path, **CHEAP)
     assert out.at["copy", "reason"] == "contaminated:bench"
     err = capsys.readouterr().err
     assert "item 'broken' skipped: not_image" in err and "item 'empty' skipped: no_image" in err
@@ -124,7 +127,7 @@ def test_reference_paths_stay_inside_the_root(tmp_path, where):
 def test_reference_caps_refuse_instead_of_truncating(tmp_path):
     _bench(tmp_path, _scene_images(3, 5))
     with pytest.raises(ConfigError, match="over the caps"):
-        _run([_row("x", scenes.encode_jpeg(_scene_images(1, 1)[0]))], tmp_path, max_items=2)
+        _run([_row("x", scenes.encode_jpeg(_scene_images(1, 1)[0]))], tmp_path, max_items=2, **CHEAP)
 
 
 def test_parquet_and_image_folder_reference_sets_use_the_input_readers(tmp_path):
@@ -137,7 +140,7 @@ def test_parquet_and_image_folder_reference_sets_use_the_input_readers(tmp_path)
     (tmp_path / "folder" / "img1.jpg").write_bytes(blobs[1])
     sets = [{"name": "hf_bench", "path": "hf", "format": "parquet", "image_column": "picture"},
             {"name": "folder_bench", "path": "folder"}]
-    out = _run([_row("a", blobs[0]), _row("b", scenes.encode_jpeg(refs[1], quality=60))], tmp_path, sets=sets)
+    out = _run([_row("a", blobs[0]), _row("b", scenes.encode_jpeg(refs[1], quality=60))], tmp_path, sets=sets, **CHEAP)
     assert out.at["a", "reason"] == "contaminated:hf_bench" and out.at["a", "contaminated_by"] == "hf_bench/000000000"
     assert out.at["b", "reason"] == "contaminated:folder_bench"
 
@@ -151,3 +154,22 @@ def test_parquet_and_image_folder_reference_sets_use_the_input_readers(tmp_path)
 def test_bad_options_are_recipe_errors(params, message):
     with pytest.raises(ConfigError, match=message):
         Decontaminate.parse_params(params, "test")
+
+
+@pytest.mark.slow
+def test_the_demo_planted_copies_are_caught_and_clean_samples_kept(demo_out, onevision_out):
+    """llava_onevision over the small demo: recall over the planted evaluation copies that
+    reached decontaminate >= 0.95, at most 1% of clean samples flagged."""
+    from curation.catalog import connect
+    from curation.demo.truth import decontamination_quality
+
+    quality = decontamination_quality(demo_out / "corpus", onevision_out)
+    print(quality)
+    assert set(quality["forms"]) == {"eval_exact", "eval_reencoded", "eval_resized", "eval_cropped"}
+    assert quality["copies_reached"] >= 24  # of the 32 planted: the rest fell to earlier filters
+    assert quality["recall"] >= 0.95 and quality["forms"]["eval_exact"]["recall"] == 1.0
+    assert quality["false_positive_rate"] <= 0.01 and quality["clean_judged"] >= 200
+    rows = connect(onevision_out).sql("""SELECT reason, contaminated_by, contamination_match FROM ledger
+                                         WHERE reason LIKE 'contaminated:%'""").fetchall()
+    assert rows and all(r[0] == "contaminated:shapes_bench" and r[1].startswith("shapes_bench/q") for r in rows)
+    assert {r[2].split(":")[0] for r in rows} >= {"sha256", "phash"}

@@ -8,6 +8,10 @@ Layout under the corpus folder:
   truth.parquet              path -> planted category, for measuring filters later
   trusted/trusted-000000.tar fresh scenes with true captions (jpg + txt): the trusted set
                              `curate train-filter` learns the CLIP filter from
+  eval/shapes_bench/         a small evaluation set (jpg + question txt, WebDataset) that
+                             `decontaminate` protects; some of its images are planted in
+                             the crawl as exact, re-encoded, resized and cropped copies
+                             (planted eval_*, truth's eval_item names the reference key)
   corpus.json                counts per category and the build parameters
 
 `planted` categories: scene (a true caption), mismatch (caption of another scene),
@@ -54,13 +58,15 @@ class CorpusPlan:
     documents: int = 60
     videos: int = 24
     trusted: int = 1000  # hand-checked pairs, not crawled: what train-filter learns from
+    eval_items: int = 60  # the evaluation set decontaminate protects (eval/shapes_bench)
+    eval_copied: int = 12  # of its images, planted in the crawl in each of EVAL_COPIES' forms
 
     @classmethod
     def small(cls) -> "CorpusPlan":
         """A few hundred rows with every category present, for fast tests."""
         return cls(scene=160, mismatch=30, text_sign=20, exact_dup=12, near_dup=12, tiny=5, huge=2,
                    elongated=5, truncated=5, random_bytes=4, html=3, short_caption=6, missing=5,
-                   documents=6, videos=3, trusted=400)
+                   documents=6, videos=3, trusted=400, eval_items=24, eval_copied=8)
 
 
 def _write(root: Path, rel: str, data: bytes) -> str:
@@ -75,6 +81,51 @@ def _near_copy(img: Image.Image, rng: random.Random) -> bytes:
     scale = rng.uniform(0.85, 0.95)
     small = img.resize((max(8, int(img.width * scale)), max(8, int(img.height * scale))), Image.BILINEAR)
     return scenes.encode_jpeg(small, quality=rng.choice([60, 70, 75]))
+
+
+EVAL_SET = "shapes_bench"
+EVAL_COPIES = ("eval_exact", "eval_reencoded", "eval_resized", "eval_cropped")
+
+
+def _eval_copy(form: str, img: Image.Image, data: bytes, rng: random.Random) -> bytes:
+    """A benchmark image as it turns up in a crawl: the same file, re-encoded, resized,
+    or cropped (a uniform crop of 80-92% of each side, anywhere in the image)."""
+    if form == "eval_exact":
+        return data
+    if form == "eval_reencoded":
+        return scenes.encode_jpeg(img, quality=rng.choice([55, 65, 75]))
+    if form == "eval_resized":
+        scale = rng.uniform(0.5, 0.8)
+        return scenes.encode_jpeg(img.resize((int(img.width * scale), int(img.height * scale)), Image.BILINEAR), quality=80)
+    f = rng.uniform(0.8, 0.92)
+    cw, ch = int(img.width * f), int(img.height * f)
+    x, y = rng.randint(0, img.width - cw), rng.randint(0, img.height - ch)
+    return scenes.encode_jpeg(img.crop((x, y, x + cw, y + ch)), quality=85)
+
+
+def _plant_eval_copies(root: Path, seed: int, plan: "CorpusPlan", rows: list[dict]) -> None:
+    """Write the evaluation set (eval/shapes_bench) and insert copies of `eval_copied` of
+    its images into the url list at random places. Its own random stream: the rest of
+    the corpus is the same with or without it."""
+    rng = random.Random(seed + 2)
+    samples, copies = [], []
+    for j in range(plan.eval_items):
+        sc = scenes.random_scene(rng)
+        img = scenes.render(sc)
+        data = scenes.encode_jpeg(img)
+        item = f"q{j:05d}"
+        question = scenes.questions(sc)[0]["q"] if scenes.questions(sc) else "What is shown?"
+        samples.append((item, [("jpg", data), ("txt", question.encode())]))
+        if j < plan.eval_copied:
+            for form in EVAL_COPIES:
+                rel = _write(root, f"files/{form.replace('_', '/')}/{j:05d}.jpg", _eval_copy(form, img, data, rng))
+                copies.append({"path": rel, "caption": scenes.caption(sc, rng), "qa": None, "planted": form,
+                               "eval_item": item})
+    folder = root / "eval" / EVAL_SET
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / f"{EVAL_SET}-000000.tar", tar_bytes(samples))
+    for row in copies:
+        rows.insert(rng.randint(0, len(rows)), row)
 
 
 def _video_bytes(scene: scenes.Scene, direction: str, n_frames: int = 16) -> bytes:
@@ -181,9 +232,11 @@ def build(root: str | Path, seed: int = 0, plan: CorpusPlan | None = None) -> di
         add("missing", f"files/missing/{i:05d}.jpg", "A picture that is no longer online.")
 
     rng.shuffle(rows)  # interleave categories across raw shards
+    _plant_eval_copies(root, seed, plan, rows)
     table = pd.DataFrame(rows)
     table[["path", "caption", "qa"]].to_parquet(root / "image_text.parquet", index=False)
-    table[["path", "planted"]].to_parquet(root / "truth.parquet", index=False)
+    table["eval_item"] = table["eval_item"] if "eval_item" in table.columns else None
+    table[["path", "planted", "eval_item"]].to_parquet(root / "truth.parquet", index=False)
 
     docs = []
     for d in range(plan.documents):

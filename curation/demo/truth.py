@@ -26,6 +26,40 @@ def labelled_scores(demo_out: str | Path) -> pd.DataFrame:
     return scored.merge(truth, on="path", how="inner")
 
 
+# Reasons of the global operators that run after decontaminate in the bundled recipes:
+# a sample with one of them (or kept) was live when decontaminate judged it.
+_AFTER_DECONTAMINATE = ("duplicate_exact", "duplicate_near", "duplicate_semantic", "unrouted")
+
+
+def decontamination_quality(corpus: str | Path, curated: str | Path) -> dict:
+    """How `decontaminate` did on the planted evaluation copies (corpus/truth.parquet's
+    eval_* rows) of one curated run: per copy form, how many reached it and how many it
+    caught with the right reference item (recall); how many clean image_text samples it
+    flagged (false-positive rate); and precision over everything it flagged."""
+    ledger = pd.read_parquet(Path(curated) / "ledger.parquet")
+    truth = pd.read_parquet(Path(corpus) / "truth.parquet")
+    if "eval_item" not in truth.columns or "contaminated_by" not in ledger.columns:
+        return {}
+    ledger = ledger[ledger["url"].notna()].copy()
+    ledger["path"] = ledger["url"].str.replace(r"^https?://[^/]+/", "", regex=True)
+    rows = ledger.merge(truth, on="path", how="inner")
+    reason = rows["reason"].fillna("")
+    judged = rows[(rows["status"] == "kept") | reason.str.startswith("contaminated:") | reason.isin(_AFTER_DECONTAMINATE)]
+    flagged = judged["reason"].fillna("").str.startswith("contaminated:")
+    planted = judged["planted"].str.startswith("eval_")
+    right = flagged & (judged["contaminated_by"] == "shapes_bench/" + judged["eval_item"].fillna(""))
+    forms = {}
+    for form, group in judged[planted].groupby("planted"):
+        forms[form] = {"reached": len(group), "caught": int(right[group.index].sum()),
+                       "recall": round(float(right[group.index].mean()), 4)}
+    clean = judged[~planted]
+    return {"forms": forms, "copies_reached": int(planted.sum()), "caught": int((right & planted).sum()),
+            "recall": round(float((right & planted).sum() / max(1, int(planted.sum()))), 4),
+            "clean_judged": len(clean), "clean_flagged": int(flagged[clean.index].sum()),
+            "false_positive_rate": round(float(flagged[clean.index].sum() / max(1, len(clean))), 4),
+            "precision": round(float((right & planted).sum() / max(1, int(flagged.sum()))), 4)}
+
+
 def clip_filter_quality(demo_out: str | Path) -> dict:
     rows = labelled_scores(demo_out)
     if rows.empty:

@@ -136,7 +136,9 @@ def funnel(con, recipe: Recipe) -> list[dict]:
     for stage, status, reason, n in counts:
         if status == "kept":
             continue
-        step = "crawl" if stage == "crawl" else owner.get(reason, "read and media checks")
+        # a reason with a variable part (decontaminate's contaminated:<set>) is declared as "contaminated:*"
+        step = "crawl" if stage == "crawl" else owner.get(reason) or owner.get(reason.split(":", 1)[0] + ":*",
+                                                                           "read and media checks")
         rows.append({"step": step, "status": status, "reason": reason or "(none)", "samples": int(n)})
     rank = {s: i for i, s in enumerate(["crawl", *order])}
     rows.sort(key=lambda r: (rank.get(r["step"], len(rank)), -r["samples"], r["reason"]))
