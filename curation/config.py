@@ -53,13 +53,14 @@ class TierRule:
     where: str
 
 
-STRATEGY = re.compile(r"^(all|(first|end|random):(\d+%?))$")
+# balanced:t caps the samples per concept entry at about t (MetaCLIP; tiers/plan.py)
+STRATEGY = re.compile(r"^(all|(first|end|random):(\d+%?)|balanced:([1-9]\d*))$")
 
 
 @dataclasses.dataclass(frozen=True)
 class MixEntry:
     tier: str
-    strategy: str  # LLaVA-NeXT: all | first:N | end:N | random:N, N a count or a percentage
+    strategy: str  # LLaVA-NeXT: all | first:N | end:N | random:N, N a count or a percentage; or balanced:t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,7 +372,8 @@ def _parse_stages(raw: Any, tier_names: set[str], path: str) -> tuple[Stage, ...
                 raise ConfigError(f"{path}: stages[{i}] ({st['name']}): unknown tier {tier!r}; tiers are {sorted(tier_names)}")
             if not STRATEGY.match(strategy) or strategy.endswith("%") and int(strategy.split(":")[1][:-1]) > 100:
                 raise ConfigError(f"{path}: stages[{i}] ({st['name']}): strategy {strategy!r} must be all, first:N, "
-                                  "end:N or random:N (N a count or a percentage up to 100%)")
+                                  "end:N or random:N (N a count or a percentage up to 100%), or balanced:t "
+                                  "(t >= 1 samples per concept)")
             mix.append(MixEntry(tier, strategy))
         stages.append(Stage(st["name"], tuple(mix)))
     return tuple(stages)

@@ -241,7 +241,7 @@ def token_bill(con, run_root: Path, recipe: Recipe, config_hash: str | None) -> 
     stages = recipe.record.get("stages")
     if not isinstance(stages, list) or not stages:
         return None
-    from ..tiers.plan import strategy_count
+    from ..tiers.plan import BALANCED, balanced_count, strategy_count
 
     per_tier, sampled = tier_token_totals(con, recipe.seed)
     out = []
@@ -252,7 +252,10 @@ def token_bill(con, run_root: Path, recipe: Recipe, config_hash: str | None) -> 
         for entry in stage["mix"]:
             tier, strategy = entry.get("tier"), entry.get("strategy", "all")
             t = per_tier.get(tier, {"samples": 0, "images": 0, "frames": 0, "visual_tokens": 0, "text_tokens": 0})
-            chosen = strategy_count(t["samples"], strategy)
+            if str(strategy).startswith(BALANCED):  # counted over the tier's concepts, as curate plan does
+                chosen = balanced_count(con, tier, strategy, f"{recipe.seed}/{stage.get('name')}/{tier}")
+            else:
+                chosen = strategy_count(t["samples"], strategy)
             share = chosen / t["samples"] if t["samples"] else 0.0
             mix.append({"tier": tier, "strategy": strategy, "samples": chosen, "estimated": strategy != "all",
                         **{k: round(t[k] * share) for k in ("images", "frames", "visual_tokens", "text_tokens")}})

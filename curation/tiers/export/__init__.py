@@ -48,8 +48,9 @@ def export(fmt: str, root: str | Path, out: str | Path, *, tier: str | None = No
         if fmt != "llava" and sampling_strategy not in (None, "all"):
             raise InputError(f"--sampling-strategy goes into llava's data YAML; {fmt} has none (export a --stage "
                              "to get a stage's sampled mix)")
-        if not STRATEGY.match(mixture[0][1]):
-            raise InputError(f"--sampling-strategy {shown(sampling_strategy)} must be all, first:N, end:N or random:N")
+        if not STRATEGY.match(mixture[0][1]) or mixture[0][1].startswith("balanced:"):
+            raise InputError(f"--sampling-strategy {shown(sampling_strategy)} must be all, first:N, end:N or random:N "
+                             "(balanced:t is a stage strategy: export the --stage)")
     else:
         if sampling_strategy is not None:
             raise InputError("--sampling-strategy is for --tier; a stage's strategies come from the pipeline's stages:")
@@ -66,8 +67,24 @@ def export(fmt: str, root: str | Path, out: str | Path, *, tier: str | None = No
             if made_by != cfg.config_hash:
                 notes.append(f"tier {t} was made by config {made_by}, the pipeline read is {cfg.config_hash} "
                              f"({cfg.path}); the stage is taken as that pipeline describes it")
-        if fmt == "llava":
+        balanced = [t for t, s in mixture if s.startswith("balanced:")]
+        if fmt == "llava" and not balanced:
             parts = [(t, None) for t in dict.fromkeys(t for t, _ in mixture)]
+        elif fmt == "llava":
+            # LLaVA-NeXT's YAML has no balanced:t: such a tier's json holds the plan's
+            # selection, read whole (`all`); so it may appear once in the stage.
+            if len(balanced) != len(set(balanced)) or any(t in balanced for t, s in mixture
+                                                           if not s.startswith("balanced:")):
+                raise InputError(f"stage {shown(stage)}: a tier with a balanced:t strategy must appear once in the "
+                                 "stage for a llava export")
+            from ..plan import make_plan
+
+            plan = next(s for s in make_plan(cfg, run_root)["stages"] if s["name"] == stage)
+            selected = {m["tier"]: m["shards"] for m in plan["mix"] if m["strategy"].startswith("balanced:")}
+            parts = [(t, selected.get(t)) for t in dict.fromkeys(t for t, _ in mixture)]
+            notes += [f"tier {t}: {s} has no LLaVA-NeXT equivalent; {t}.json holds the plan's selection, sampled 'all'"
+                      for t, s in mixture if s.startswith("balanced:")]
+            mixture = [(t, "all" if s.startswith("balanced:") else s) for t, s in mixture]
         else:
             from ..plan import make_plan
 
