@@ -140,14 +140,6 @@ def test_actor_pools_always_fit_the_cluster():
         plan_pools([Resources(num_cpus=1, concurrency=3)], cpus=2, gpus=0)
 
 
-@pytest.fixture(scope="module")
-def onevision_out(demo_out, tmp_path_factory):
-    """pipelines/llava_onevision.yaml run over the small demo's raw shards."""
-    out = tmp_path_factory.mktemp("onevision") / "out"
-    curate("run", "pipelines/llava_onevision.yaml", "--input", demo_out / "raw", "--out", out)
-    return out
-
-
 @pytest.mark.slow
 def test_llava_onevision_recipe_fills_the_four_stage_tiers(onevision_out):
     import duckdb
