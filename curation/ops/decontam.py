@@ -183,7 +183,7 @@ class Decontaminate(GlobalOp):
         crop_grid: int = 7
         embedding_model: str | None = None
         min_similarity: float | None = None
-        max_items: int = 100_000
+        max_items: int = 20_000  # x 442 fingerprints each (see README: Decontamination, for what was measured)
         max_bytes: int = 4 << 30
         max_pixels: int = 40_000_000
 
