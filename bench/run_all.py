@@ -499,13 +499,16 @@ def _num(v: float | None) -> str:
 
 
 def markdown(rows: list[Row]) -> str:
+    def cell(text: str) -> str:  # an error message may hold a pipe or a newline
+        return text.replace("|", "\\|").replace("\n", " ")
+
     lines = ["| what | ours | baseline | ratio (ours / baseline) | units | note |", "|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.what} | failed | | | | {r.error} |")
+            lines.append(f"| {cell(r.what)} | failed | | | | {cell(r.error)} |")
             continue
         ratio = "n/a" if r.ratio is None else f"{r.ratio:.2f}x"
-        lines.append(f"| {r.what} | {_num(r.ours)} | {_num(r.baseline)} | {ratio} | {r.units} | {r.note} |")
+        lines.append(f"| {cell(r.what)} | {_num(r.ours)} | {_num(r.baseline)} | {ratio} | {r.units} | {cell(r.note)} |")
     return "\n".join(lines)
 
 
