@@ -48,7 +48,7 @@ def _run(rows, root, **params):
 
 
 def test_exact_reencoded_resized_and_cropped_copies_are_caught_clean_images_are_not(tmp_path):
-    refs = _scene_images(8, seed=11)
+    refs = _scene_images(6, seed=11)
     ref_bytes = _bench(tmp_path, refs)
     rng = random.Random(5)
     rows = []
@@ -61,7 +61,7 @@ def test_exact_reencoded_resized_and_cropped_copies_are_caught_clean_images_are_
                  _row(f"reenc{i}", scenes.encode_jpeg(im, quality=55)),
                  _row(f"resized{i}", scenes.encode_jpeg(im.resize((int(w * 0.6), int(h * 0.6))), quality=75)),
                  _row(f"cropped{i}", scenes.encode_jpeg(im.crop((x, y, x + cw, y + ch)), quality=80))]
-    rows += [_row(f"clean{i}", scenes.encode_jpeg(im)) for i, im in enumerate(_scene_images(60, seed=99))]
+    rows += [_row(f"clean{i}", scenes.encode_jpeg(im)) for i, im in enumerate(_scene_images(40, seed=99))]
     out = _run(rows, tmp_path)
     copies = out[~out.index.str.startswith("clean")]
     caught = copies["reason"] == "contaminated:bench"
@@ -173,3 +173,21 @@ def test_the_demo_planted_copies_are_caught_and_clean_samples_kept(demo_out, one
                                          WHERE reason LIKE 'contaminated:%'""").fetchall()
     assert rows and all(r[0] == "contaminated:shapes_bench" and r[1].startswith("shapes_bench/q") for r in rows)
     assert {r[2].split(":")[0] for r in rows} >= {"sha256", "phash"}
+
+
+def test_question_overlap_matches_a_shared_run_of_words_when_asked(tmp_path):
+    ref = _scene_images(1, seed=21)[0]
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    question = b"Which of the three shapes in the picture is closest to the left edge?"
+    (folder / "b-000000.tar").write_bytes(tar_bytes([("q0", [("jpg", scenes.encode_jpeg(ref)), ("txt", question)])]))
+    other = scenes.encode_jpeg(_scene_images(1, seed=22)[0])
+    qa = '{"qa": [{"q": "Tell me: which of the THREE shapes in the picture, is closest?", "a": "x"}]}'
+    rows = [{**_row("leak", other), "source_meta": qa},
+            {**_row("short", other), "sha256": "1" * 64, "source_meta": '{"qa": [{"q": "Which of the three?"}]}'},
+            {**_row("plain", other), "sha256": "2" * 64, "source_meta": '{"license": "cc-by"}'},
+            {**_row("broken", other), "sha256": "3" * 64, "source_meta": '{"qa": "not a list"}'}]
+    out = _run(rows, tmp_path, question_ngram=6, **CHEAP)
+    assert out.at["leak", "reason"] == "contaminated:bench" and out.at["leak", "contamination_match"] == "question"
+    assert (out.loc[["short", "plain", "broken"], "status"] == "kept").all()
+    assert (_run(rows, tmp_path, **CHEAP)["status"] == "kept").all()  # off unless asked

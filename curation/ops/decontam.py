@@ -22,7 +22,10 @@ A live sample matches when
   * with `min_similarity` and `embedding_model` set, its CLIP image embedding
     (`clip_score` with `keep_embeddings: true`, the same model) has cosine similarity
     >= `min_similarity` with a reference's (`embedding:<cos>`); one task per annotated
-    file compares its rows with the (capped) reference matrix.
+    file compares its rows with the (capped) reference matrix, or
+  * with `question_ngram: n` set, one of its questions (`source_meta`'s `qa[*].q`) shares
+    a run of n words (lowercased, punctuation dropped) with a reference item's question
+    (its text member or `text_column`) (`question`), an equality join in DuckDB.
 The best match (sha256, then the fewest bits, then the highest similarity, then set and
 item) drops the sample with reason `contaminated:<set>`; the ledger's `contaminated_by`
 is `<set>/<item key>` and `contamination_match` says how. Reference sets are capped
@@ -52,7 +55,7 @@ MATCH_COLUMNS = ("contaminated_by", "contamination_match")  # ledger columns (cu
 SHOWN_SKIPS = 20  # skipped reference items named on stderr per run (all are counted)
 REFERENCE_SCHEMA = pa.schema([("set", pa.string()), ("item", pa.string()), ("sha256", pa.string()),
                               ("variant", pa.string()), ("phash", pa.string()), ("width", pa.int64()),
-                              ("height", pa.int64()), ("embedding", pa.binary())])
+                              ("height", pa.int64()), ("embedding", pa.binary()), ("question", pa.string())])
 
 
 def phash_hex(image) -> str:
@@ -107,7 +110,8 @@ def fingerprint_shard(token: str, set_name: str, scales: tuple[float, ...], grid
             part = image if variant == "whole" else image.crop(box)
             rows.append({"set": set_name, "item": item, "sha256": digest if variant == "whole" else None,
                          "variant": variant, "phash": phash_hex(part), "width": part.size[0],
-                         "height": part.size[1], "embedding": None})
+                         "height": part.size[1], "embedding": None,
+                         "question": row.get("text") if variant == "whole" else None})
         if embedding_model:
             images.append((len(rows) - len(crop_boxes(w, h, scales, grid)), image))
     if embedding_model and images:
@@ -183,6 +187,7 @@ class Decontaminate(GlobalOp):
         crop_grid: int = 7
         embedding_model: str | None = None
         min_similarity: float | None = None
+        question_ngram: int = 0  # 0: off; n: a shared run of n words of a question matches
         max_items: int = 20_000  # x 442 fingerprints each (see README: Decontamination, for what was measured)
         max_bytes: int = 4 << 30
         max_pixels: int = 40_000_000
@@ -217,6 +222,8 @@ class Decontaminate(GlobalOp):
             raise ConfigError(f"{w}: embedding matching needs both embedding_model and min_similarity")
         if params.min_similarity is not None and not 0 < params.min_similarity <= 1:
             raise ConfigError(f"{w}: min_similarity must be in (0, 1]")
+        if params.question_ngram < 0:
+            raise ConfigError(f"{w}: question_ngram must be >= 0 (0: off)")
         if params.max_items < 1 or params.max_bytes < 1 or params.max_pixels < 1 or params.max_aspect_log_ratio < 0:
             raise ConfigError(f"{w}: max_items, max_bytes and max_pixels must be >= 1, max_aspect_log_ratio >= 0")
 
@@ -301,11 +308,32 @@ class Decontaminate(GlobalOp):
                         WHERE abs(x.aspect - ln(r.width::DOUBLE / r.height)) <= {float(p.max_aspect_log_ratio)!r}""")
         if p.min_similarity is not None:
             self.match_embeddings(ctx, refs)
+        if p.question_ngram and "source_meta" in ctx.columns:
+            self.match_questions(ctx, p.question_ngram)
         con.execute(f"""CREATE OR REPLACE TEMP TABLE _best AS SELECT * FROM _match
                         QUALIFY row_number() OVER (PARTITION BY uid ORDER BY rank, score, "set", item) = 1""")
         con.execute(f"""UPDATE samples SET status = 'dropped', reason = 'contaminated:' || b."set",
                                contaminated_by = b."set" || '/' || b.item, contamination_match = b.how
                         FROM _best b WHERE samples.uid = b.uid AND samples.{live}""")
+
+    def match_questions(self, ctx, n: int) -> None:
+        """Word n-grams of the reference questions and of the samples' QA questions, joined."""
+        con = ctx.con
+        con.execute(f"""CREATE OR REPLACE TEMP MACRO _words(t) AS
+                        string_split(trim(regexp_replace(lower(t), '[^[:alnum:]]+', ' ', 'g')), ' ')""")
+        con.execute(f"""CREATE OR REPLACE TEMP MACRO _ngrams(t) AS
+                        list_transform(range(0, greatest(len(_words(t)) - {n} + 1, 0)),
+                                       lambda i: array_to_string(_words(t)[i + 1:i + {n}], ' '))""")
+        con.execute("""CREATE OR REPLACE TEMP TABLE _ref_grams AS
+                       SELECT DISTINCT "set", item, unnest(_ngrams(question)) AS g FROM _ref
+                       WHERE variant = 'whole' AND question IS NOT NULL""")
+        con.execute("""INSERT INTO _match
+                       SELECT s.uid, r."set", r.item, 3, 0, 'question'
+                       FROM (SELECT uid, unnest(_ngrams(q)) AS g FROM (
+                               SELECT uid, unnest(CAST(json_extract_string(source_meta, '$.qa[*].q') AS VARCHAR[])) AS q
+                               FROM samples WHERE status = 'kept' AND json_valid(source_meta)
+                                 AND json_type(source_meta, '$.qa') = 'ARRAY')) s
+                       JOIN _ref_grams r USING (g)""")
 
     def match_embeddings(self, ctx, refs: str) -> None:
         from .clip import EMBEDDING_COLUMN
