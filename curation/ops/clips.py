@@ -15,7 +15,7 @@ A clip whose first frame is a keyframe, in a stream without reordered (B-) frame
 remuxed: its packets are copied as they are. Any other clip is re-encoded with x264
 (one thread, no B-frames or lookahead: the same bytes on every run). Clips carry the
 video stream only. At most `max_clips` clips, and `max_clip_bytes` of clips, per video:
-the video's first clips, in order.
+the video's first clips, in order (a video whose first clip is over the cap stays whole).
 
 A video that is one scene no longer than max_seconds (or shorter than min_seconds) is
 left as it is. A video that is cut ends in the ledger `dropped` as `split_into_clips`;
@@ -107,15 +107,16 @@ def can_remux(packets: list[tuple[int, int | None, bool]], first_pts: int) -> bo
     return any(p == first_pts and key for p, _, key in packets) and order == sorted(order)
 
 
-def cut(video: PyAvVideo, first: int, stop: int) -> tuple[bytes, str]:
-    """Frames [first, stop) of `video` as an mp4 (video stream only): ("remux" | "reencode")."""
+def cut(video: PyAvVideo, first: int, stop: int, packets: list | None = None) -> tuple[bytes, str]:
+    """Frames [first, stop) of `video` as an mp4 (video stream only): ("remux" | "reencode").
+    `packets`: the video's _packets, when several clips are cut from it."""
     import av
 
     p0 = video.pts[first]
     p1 = video.pts[stop] if stop < len(video.pts) else None
     inside = (lambda pts: pts >= p0 and (p1 is None or pts < p1))
     buf = io.BytesIO()
-    if can_remux(_packets(video.data), p0):
+    if can_remux(packets if packets is not None else _packets(video.data), p0):
         with av.open(io.BytesIO(video.data)) as src, av.open(buf, mode="w", format="mp4") as dst:
             ist = src.streams.video[0]
             ost = dst.add_stream_from_template(ist)
@@ -194,9 +195,12 @@ class VideoClips(MapOp):
             return []
         step = video.end / max(1, len(picked))
         ranges = frame_ranges(bounds, video.times, [float(video.times[i]) for i in video.key_indices], step / 2)
+        if len(ranges) < 2:  # the cuts fell on one frame: nothing to cut
+            return []
+        packets = _packets(data)
         clips, total = [], 0
         for first, stop in ranges[: p.max_clips]:
-            data_out, method = cut(video, first, stop)
+            data_out, method = cut(video, first, stop, packets)
             if total + len(data_out) > p.max_clip_bytes:
                 break
             total += len(data_out)
