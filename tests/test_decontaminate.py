@@ -191,3 +191,25 @@ def test_question_overlap_matches_a_shared_run_of_words_when_asked(tmp_path):
     assert out.at["leak", "reason"] == "contaminated:bench" and out.at["leak", "contamination_match"] == "question"
     assert (out.loc[["short", "plain", "broken"], "status"] == "kept").all()
     assert (_run(rows, tmp_path, **CHEAP)["status"] == "kept").all()  # off unless asked
+
+
+@pytest.mark.slow
+def test_embedding_similarity_matches_with_the_runs_clip_model(demo_out, tmp_path):
+    """With the demo's CLIP filter (as clip_score keeps embeddings): a copy whose bytes and
+    phash say nothing is still caught by its embedding; a distinct scene is not."""
+    import numpy as np
+
+    from curation.clipfilter import embed_images, load_clip
+
+    model = str(demo_out / "models" / "clip-filter")
+    refs = _scene_images(2, seed=31)
+    _bench(tmp_path, refs)
+    copy, other = open_image(scenes.encode_jpeg(refs[0], quality=70)), _scene_images(1, seed=32)[0]
+    vectors = embed_images(load_clip(model, None, "cpu"), [copy, other])
+    rows = [{**_row(uid, scenes.encode_jpeg(im)), "phash": "f0f0f0f0f0f0f0f0", "sha256": str(i) * 64,
+             "clip_embedding": vec.astype(np.float16).tobytes()}
+            for i, (uid, im, vec) in enumerate(zip(["copy", "other"], [copy, other], vectors))]
+    out = _run(rows, tmp_path, embedding_model=model, min_similarity=0.9999, **CHEAP)
+    assert out.at["copy", "reason"] == "contaminated:bench"
+    assert float(out.at["copy", "contamination_match"].removeprefix("embedding:")) >= 0.9999
+    assert out.at["other", "status"] == "kept"

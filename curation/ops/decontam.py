@@ -89,7 +89,20 @@ def fingerprint_shard(token: str, set_name: str, scales: tuple[float, ...], grid
     from ..media import MediaError, open_image
     from ..rawshards import read_shard
 
-    rows, skipped, images = [], [], []
+    rows, skipped, pending = [], [], []
+    clip = None
+
+    def embed_pending() -> None:  # a batch at a time: a shard's decoded images are never all held
+        nonlocal clip
+        if not pending:
+            return
+        from ..clipfilter import embed_images, load_clip
+
+        clip = clip or load_clip(embedding_model, None, "cpu")
+        for (at, _), vec in zip(pending, embed_images(clip, [im for _, im in pending])):
+            rows[at]["embedding"] = np.asarray(vec, dtype=np.float16).tobytes()
+        pending.clear()
+
     for row, _files in read_shard(token, set_name):
         item = row.get("raw_key") or "<shard>"
         if row.get("status") != "kept":
@@ -106,21 +119,17 @@ def fingerprint_shard(token: str, set_name: str, scales: tuple[float, ...], grid
             continue
         digest = hashlib.sha256(data).hexdigest()
         w, h = image.size
+        if embedding_model:  # the whole image's row (the next one) carries its embedding
+            pending.append((len(rows), image))
         for variant, box in crop_boxes(w, h, scales, grid):
             part = image if variant == "whole" else image.crop(box)
             rows.append({"set": set_name, "item": item, "sha256": digest if variant == "whole" else None,
                          "variant": variant, "phash": phash_hex(part), "width": part.size[0],
                          "height": part.size[1], "embedding": None,
                          "question": row.get("text") if variant == "whole" else None})
-        if embedding_model:
-            images.append((len(rows) - len(crop_boxes(w, h, scales, grid)), image))
-    if embedding_model and images:
-        from ..clipfilter import embed_images, load_clip
-
-        clip = load_clip(embedding_model, None, "cpu")
-        vectors = embed_images(clip, [im for _, im in images])
-        for (at, _), vec in zip(images, vectors):
-            rows[at]["embedding"] = np.asarray(vec, dtype=np.float16).tobytes()
+        if len(pending) >= 64:
+            embed_pending()
+    embed_pending()
     pq.write_table(pa.Table.from_pylist(rows, schema=REFERENCE_SCHEMA), out)
     return skipped
 
@@ -338,7 +347,9 @@ class Decontaminate(GlobalOp):
     def match_embeddings(self, ctx, refs: str) -> None:
         from .clip import EMBEDDING_COLUMN
 
-        if f"has_{EMBEDDING_COLUMN}" not in ctx.columns:
+        flag = f"has_{EMBEDDING_COLUMN}"  # load_samples keeps a flag, not the embedding
+        if flag not in ctx.columns and not ctx.con.execute(
+                f"SELECT count(*) FROM information_schema.columns WHERE table_name = 'samples' AND column_name = '{flag}'").fetchall()[0][0]:
             raise ConfigError("decontaminate: min_similarity needs image embeddings: set keep_embeddings: true on "
                               "clip_score (with the same model as embedding_model)")
         folder = ctx.scratch / "decontaminate"
