@@ -287,6 +287,7 @@ class Sampler:
         # RSS counts the object-store pages a worker has touched (shared memory, capped by
         # Ray's object_store_memory); private = RSS - shared is the worker's own heap.
         self.largest_worker_private = 0
+        self.largest_worker_private_title = ""  # Ray names a worker after its task or actor
         self.max_workers_seen = 0
         self.base = _machine_used() if HAVE_PROC else None
         self.machine = 0
@@ -311,7 +312,9 @@ class Sampler:
                 statm = (_read(f"/proc/{pid}/statm") or "0 0 0").split()
                 own = max(0, rss - int(statm[2]) * PAGE)
                 private += own
-                self.largest_worker_private = max(self.largest_worker_private, own)
+                if own > self.largest_worker_private:
+                    self.largest_worker_private = own
+                    self.largest_worker_private_title = (_read(f"/proc/{pid}/cmdline") or "").split("\0")[0][:80]
             else:
                 sys_rss += rss
         status = _read(f"/proc/{self.pid}/status") or ""
@@ -411,6 +414,7 @@ def run_once(size: int, raw: Path, raw_bytes: int, out: Path, args) -> dict:
                     "workers_peak_rss_sum": sampler.workers if HAVE_PROC else None,
                     "largest_worker_peak_rss": sampler.largest_worker if HAVE_PROC else None,
                     "largest_worker_peak_private": sampler.largest_worker_private if HAVE_PROC else None,
+                    "largest_worker_peak_private_title": sampler.largest_worker_private_title if HAVE_PROC else None,
                     "workers_peak_private_sum": sampler.workers_private if HAVE_PROC else None,
                     "ray_system_peak_rss": sampler.ray_sys if HAVE_PROC else None,
                     "machine_peak_delta": sampler.machine if sampler.base is not None else None,
@@ -465,7 +469,7 @@ def derive(r: dict) -> dict:
         read = (stages.get(stage) or {}).get("raw_bytes_read")
         d[f"{stage}_read_ratio"] = read / r["raw_bytes"] if read is not None and r["raw_bytes"] else None
     for k in ("driver_peak_rss", "workers_peak_rss_sum", "largest_worker_peak_rss", "largest_worker_peak_private",
-              "workers_peak_private_sum", "ray_system_peak_rss",
+              "largest_worker_peak_private_title", "workers_peak_private_sum", "ray_system_peak_rss",
               "machine_peak_delta", "raw_bytes"):
         d[k] = r.get(k)
     d["run_vs_annotate"] = d["run_per_s"] / d["annotate_per_s"] if d["run_per_s"] and d["annotate_per_s"] else None
@@ -551,12 +555,12 @@ def floor_checks(rows: list[dict], ref_size: int) -> list[dict]:
         ratio = a / b if a is not None and b else None
         check(verdict(ratio, lambda x: x <= 1.5), f"driver peak RSS, {d['size']:,} vs {ref['size']:,}",
               _f(ratio, '{:.2f}x'), f"floor <= 1.50x; {_mb(a)} vs {_mb(b)}", mb(a), mb(b), "MB", "<= 1.50x")
-        # Not one of the floors, held to the driver's: no worker's own heap grows with the run.
-        a, b = d.get("largest_worker_peak_private"), ref.get("largest_worker_peak_private")
-        ratio = a / b if a is not None and b else None
-        check(verdict(ratio, lambda x: x <= 1.5),
-              f"largest worker's private memory (RSS - shared), {d['size']:,} vs {ref['size']:,}",
-              _f(ratio, '{:.2f}x'), f"held to <= 1.50x; {_mb(a)} vs {_mb(b)}", mb(a), mb(b), "MB", "<= 1.50x")
+    for d in ok:
+        # Not one of the floors: which worker's own heap (RSS - shared, so without the
+        # object-store pages it maps) peaked, to check it against that task's configured bound.
+        a = d.get("largest_worker_peak_private")
+        check("info", f"largest worker's private memory at {d['size']:,}", _mb(a),
+              f"in {d.get('largest_worker_peak_private_title') or 'n/a'}", mb(a), None, "MB", "")
     for d in ok:
         rss = d["driver_peak_rss"]
         check(verdict(rss, lambda x: x < 1e9), f"driver peak RSS at {d['size']:,}", _mb(rss), "floor < 1 GB",

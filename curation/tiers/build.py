@@ -146,6 +146,10 @@ def build_tiers(cfg, decision: Decision, raw_shards: list, parts: dict[str, list
             needed = con.execute(f"SELECT DISTINCT raw_idx FROM read_parquet({picks_glob}, hive_partitioning = true) ORDER BY raw_idx").fetchall()
         items = [{"raw_path": as_shard(raw_shards[i]).token(), "picks": str(decision.picks_path(i)), "source": source,
                   "parts": json.dumps([str(p) for p in parts[raw_shards[i].name]])} for (i,) in needed]
+        # The shuffle's map side coalesces its input up to this many bytes per task before
+        # partitioning (Ray's default, 1 GiB, made one worker's heap grow with the run up
+        # to that size); one read block per map task keeps it at BLOCK_BYTES.
+        ray.data.DataContext.get_current().shuffle_input_batch_bytes = BLOCK_BYTES
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(read_picked, batch_size=1, num_cpus=READ_TASK_CPUS,
                             fn_kwargs={"pending_path": str(pending_path) if pending_path else None, "stats_dir": str(stats_dir)})
