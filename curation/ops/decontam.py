@@ -177,8 +177,9 @@ def confined(root: Path, path: str, where: str) -> Path:
 @register
 class Decontaminate(GlobalOp):
     """Drop samples whose image copies an evaluation set's (reason contaminated:<set>):
-    same bytes, phash within max_hamming of the image or of one of its crops, or CLIP
-    embedding similarity; the ledger's contaminated_by names the reference item."""
+    same bytes, phash within max_hamming of the image or of one of its crops, CLIP
+    embedding similarity, or a question sharing question_ngram words in a row; the
+    ledger's contaminated_by names the reference item, contamination_match how."""
 
     name = "decontaminate"
     reasons = ("contaminated:*",)  # one per reference set: contaminated:<set name>
