@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_crawl)
 
     r = sub.add_parser("run", help="run (or resume) a curation pipeline over raw shards")
-    r.add_argument("pipeline", help="pipeline YAML file, or the name of a bundled recipe (demo, llava_onevision)")
+    r.add_argument("pipeline", help="pipeline YAML file, or the name of a bundled recipe (demo, llava_onevision, video_clips)")
     r.add_argument("--input", required=True,
                    help="raw shards (.tar, .tar.gz, .tgz): a folder (searched recursively; curate crawl's --out), "
                         "a glob ('/data/**/*.tar'), a brace pattern ('/data/shard-{00000..00099}.tar'), or "
