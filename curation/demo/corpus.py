@@ -35,7 +35,7 @@ from ..fsutil import atomic_write_bytes, atomic_write_text
 from ..wds import tar_bytes
 from . import scenes
 
-CORPUS_VERSION = "5"
+CORPUS_VERSION = "6"
 
 
 @dataclass(frozen=True)
