@@ -55,6 +55,16 @@ def test_no_sample_attends_across_its_boundary():
     assert not q.grad[0][:, ~second].any()
 
 
+def test_backend_choice():
+    from curation.errors import CurationError
+    from curation.trainer.lm import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "documents"  # FlexAttention cannot train on CPU
+    assert resolve_backend("dense", torch.device("cpu")) == "dense"
+    with pytest.raises(CurationError, match="--attention must be one of"):
+        resolve_backend("sparse", torch.device("cpu"))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_arch_gives_the_same_loss_and_grads_with_each_backend(arch):
     model = build(arch)
