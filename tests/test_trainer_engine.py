@@ -246,3 +246,21 @@ def test_train_loop_accumulates_micro_batches_like_one_big_batch(tmp_path, monke
 
     with pytest.raises(CurationError, match="grad_accum 2 -> 1"):  # resuming with another effective batch
         train(TrainOptions(out=str(tmp_path / "acc"), batch_size=2, **{**common, "steps": 3}))
+
+
+def test_train_command_takes_the_engine_flags(tmp_path, monkeypatch, capsys):
+    import json
+
+    from curation.trainer import train as train_module
+    from curation.trainer.cli import main as trainer_cli
+
+    monkeypatch.setattr(train_module, "plot_losses", lambda *a: None)
+    plan, out = tiny_plan(tmp_path / "curated"), tmp_path / "run"
+    assert trainer_cli(["train", "--plan", plan, "--arch", "owl3", "--steps", "1", "--batch-size", "2",
+                        "--grad-accum", "2", "--activation-checkpointing", "--attention", "dense", "--workers", "0",
+                        "--out", str(out), "--no-progress"]) == 0
+    assert "2 x 2 samples per step, dense attention, activation checkpointing" in capsys.readouterr().out
+    assert [json.loads(line)["samples"] for line in (out / "loss.jsonl").read_text().splitlines()] == [4]
+    assert trainer_cli(["train", "--plan", plan, "--arch", "owl3", "--grad-accum", "0", "--out",
+                        str(tmp_path / "x")]) == 2
+    assert "--grad-accum must be at least 1" in capsys.readouterr().err
