@@ -179,9 +179,9 @@ def test_balanced_stage_on_the_demo_flattens_the_head_and_keeps_the_tail(demo_ou
 
 @pytest.mark.slow
 def test_the_onevision_recipes_balanced_stage(onevision_out):
-    """pipelines/llava_onevision.yaml's stage1.5_concept_balanced, as `curate plan` resolves it."""
+    """pipelines/llava_onevision.yaml's stage1.5_balanced, as `curate plan` resolves it."""
     plan = make_plan(config.for_output(onevision_out), onevision_out)
-    stage = next(s for s in plan["stages"] if s["name"] == "stage1.5_concept_balanced")
+    stage = next(s for s in plan["stages"] if s["name"] == "stage1.5_balanced")
     for mix in stage["mix"]:
         c = mix["concepts"]
         assert mix["strategy"] == "balanced:20" and 0 < c["samples"]["after"] == mix["samples"]

@@ -168,7 +168,7 @@ def test_llava_onevision_plan_bills_every_stage(onevision_out):
     plan = json.loads((onevision_out / "plan.json").read_text())
     stages = {s["name"]: s for s in plan["stages"]}
     assert list(stages) == ["stage1_alignment", "stage1.5_knowledge", "stage2_single_image", "stage2_onevision",
-                            "stage1.5_concept_balanced"]
+                            "stage1.5_balanced"]
     assert all(s["totals"]["samples"] > 0 and s["totals"]["visual_tokens"] > 0 for s in stages.values())
     onevision = {m["tier"]: m for m in stages["stage2_onevision"]["mix"]}
     assert onevision["stage2_onevision"]["frames"] > 0  # video frames billed at 196 tokens
