@@ -99,6 +99,16 @@ class PipelineConfig:
     def op_versions(self) -> dict[str, str]:
         return {s.name: s.cls.version for s in (*self.map_ops, *self.global_ops)}
 
+    def op_input_files(self) -> dict[str, str]:
+        """`<index>:<op>` -> the identity of the files that operator reads beyond its
+        options (Operator.input_files_identity), for the operators that read any."""
+        found = {}
+        for i, spec in enumerate((*self.map_ops, *self.global_ops)):
+            identity = spec.cls.input_files_identity(spec.params)
+            if identity is not None:
+                found[f"{i}:{spec.name}"] = identity
+        return found
+
     @property
     def declared_columns(self) -> tuple[tuple[str, str], ...]:
         """(column, JSON type) of the columns this pipeline's operators add to its

@@ -50,3 +50,29 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def listing_digest(paths: list[str | Path], max_entries: int = 1_000_000) -> str:
+    """A digest of every file under `paths` (relative name, size, mtime): it changes
+    when a file is added, removed, replaced or edited, without reading the bytes. Missing
+    paths count as missing; past `max_entries` files the rest are not looked at."""
+    h, seen = hashlib.sha256(), 0
+    for top in map(Path, paths):
+        h.update(f"\0{top}".encode())
+        if top.is_file():
+            files = [top]
+        elif top.is_dir():
+            files = sorted(Path(d) / f for d, _, names in os.walk(top) for f in names)
+        else:
+            h.update(b"\0missing")
+            continue
+        for f in files:
+            seen += 1
+            if seen > max_entries:
+                return h.hexdigest()
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            h.update(f"\0{f.relative_to(top) if f != top else ''}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()

@@ -50,6 +50,8 @@ def _check_run_identity(work: Path, cfg: PipelineConfig, raw: RawInput) -> None:
     input is its shards' names and sizes (curation/inputs.py)."""
     identity = {"pipeline": cfg.name, "pipeline_path": str(Path(cfg.path).resolve()),
                 "config_hash": cfg.config_hash, "input": raw.spec,
+                # files operators read beyond their options (a concept list, reference sets)
+                "op_input_files": cfg.op_input_files(),
                 "crawl_ledgers": [str(p) for p in raw.crawl_ledgers],
                 "raw_shards": {p.name: p.size for p in raw.shards},
                 # how they are read: the same files read with other columns are another input
@@ -65,12 +67,16 @@ def _check_run_identity(work: Path, cfg: PipelineConfig, raw: RawInput) -> None:
             raise ConfigError(f"{work.parent} holds a run written by another version of curation (data format "
                               f"{previous.get('data_format', 1)}, this one writes {DATA_FORMAT}: typed sidecar and ledger "
                               "columns); use a new --out folder")
-        other_config = previous.get("config_hash") != cfg.config_hash
+        other_files = previous.get("op_input_files", {}) != identity["op_input_files"]
+        other_config = previous.get("config_hash") != cfg.config_hash or other_files
         other_input = (previous.get("raw_shards") != identity["raw_shards"] or
                        previous.get("input_options", asdict(InputOptions(format="tar"))) != identity["input_options"])
         if not (other_config or other_input):
             return
         if (work.parent / "_SUCCESS").exists():
+            if other_files and previous.get("config_hash") == cfg.config_hash:
+                raise ConfigError(f"{work.parent} holds a finished run whose operators read other files (a concept "
+                                  "list or reference sets changed since); use a new --out folder")
             if other_config:
                 raise ConfigError(f"{work.parent} holds a finished run of another pipeline config (hash "
                                   f"{previous.get('config_hash')}, now {cfg.config_hash}); use a new --out folder")

@@ -138,6 +138,14 @@ class Operator:
     def check_params(cls, params: "Operator.Params", where: str) -> None:
         """Override to reject out-of-range values with a ConfigError."""
 
+    @classmethod
+    def input_files_identity(cls, params: "Operator.Params") -> str | None:
+        """Override when the operator reads files beyond its options (a concept list,
+        reference sets): a digest of their contents or listing. The run records it, and a
+        run whose files changed is not resumed as the same run (runner._check_run_identity).
+        It stays out of the recipe's hash, which must not depend on the machine's files."""
+        return None
+
     # Status helpers shared by every operator -------------------------------------
     @staticmethod
     def drop(batch: pd.DataFrame, mask, reason: str) -> None:

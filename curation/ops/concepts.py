@@ -147,6 +147,12 @@ class Concepts(MapOp):
         max_chars: int = 100_000  # text matched per sample: documents can be long
 
     @classmethod
+    def input_files_identity(cls, params):
+        from ..fsutil import listing_digest
+
+        return listing_digest([concept_list_path(params.concept_list)])
+
+    @classmethod
     def check_params(cls, params, where):
         # The list itself is read where the operator runs (curate plan reads a recipe
         # without its files).

@@ -203,6 +203,12 @@ class Decontaminate(GlobalOp):
         max_pixels: int = 40_000_000
 
     @classmethod
+    def input_files_identity(cls, params):
+        from ..fsutil import listing_digest
+
+        return listing_digest([Path(params.root) / s["path"] for s in params.sets])
+
+    @classmethod
     def check_params(cls, params, where):
         w = f"{where} (decontaminate)"
         if not params.root:
