@@ -40,12 +40,13 @@ def test_each_typed_column_gets_its_arrow_type():
         [("box", pa.list_(pa.list_(pa.float64()))), ("text", pa.string()), ("score", pa.float64())]))
     item = pa.struct([("type", pa.string()), ("text", pa.string()), ("url", pa.string()), ("member", pa.string())])
     assert side.field("doc").type == pa.struct([("doc_id", pa.string()), ("items", pa.list_(item))])
+    assert side.field("concepts").type == pa.list_(pa.string())
     ledger = schemas.arrow_schema("ledger")
     assert ledger.field("fetched_at").type == pa.timestamp("us", tz="UTC")
     assert ledger.field("http_status").type == pa.int32()
     # every other column is still a flat scalar
     flat = [f for f in side if f.name not in ("op_versions", "source_meta", "media", "missing_images", "frame_times",
-                                               "scenes", "scene_captions", "ocr_boxes", "doc")]
+                                               "scenes", "scene_captions", "ocr_boxes", "doc", "concepts")]
     assert all(not pa.types.is_nested(f.type) and not isinstance(f.type, pa.ExtensionType) for f in flat)
 
 
