@@ -168,3 +168,19 @@ def test_video_clips_recipe_through_stages_a_b_c(tmp_path, monkeypatch):
     assert ledger == [("a", "dropped", "split_into_clips", False), ("a.clip000", "kept", None, True),
                       ("a.clip001", "kept", None, True), ("a.clip002", "kept", None, True),
                       ("c", "kept", None, False), ("d", "failed", "corrupt_video", False)]
+
+
+def test_the_report_funnel_counts_inputs_not_the_clips_derived_from_them():
+    from curation.report.html import Recipe, funnel
+
+    con = duckdb.connect()
+    con.execute("""CREATE TABLE ledger AS SELECT * FROM (VALUES
+        ('a', NULL, 'curate', 'kept', NULL),
+        ('b', NULL, 'curate', 'dropped', 'split_into_clips'),
+        ('b.c0', 'b', 'curate', 'kept', NULL),
+        ('b.c1', 'b', 'curate', 'kept', NULL),
+        ('b.c2', 'b', 'curate', 'dropped', 'too_short')) AS t(uid, parent_uid, stage, status, reason)""")
+    rows = funnel(con, Recipe({"ops": [{"op": "video_clips"}]}))
+    assert rows[0] == {"step": "inputs", "status": "inputs", "reason": "", "samples": 2, "remaining": 2}
+    assert [(r["reason"], r["samples"]) for r in rows[1:-1]] == [("split_into_clips", 1)]
+    assert rows[-1]["samples"] == 1  # the one input kept whole; its sibling went on as clips

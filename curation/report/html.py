@@ -109,6 +109,13 @@ def _read_json(path: Path):
 
 
 # ----------------------------------------------------------------- funnel
+def inputs_only(con) -> str:
+    """SQL condition for the ledger rows that are inputs: not the samples a run derived
+    from them (video clips, with parent_uid), which the funnel and totals count apart."""
+    columns = {r[0] for r in con.sql("DESCRIBE ledger").fetchall()}
+    return "parent_uid IS NULL" if "parent_uid" in columns else "true"
+
+
 def funnel(con, recipe: Recipe) -> list[dict]:
     """One row per (step, status, reason) in pipeline order, with what remains after it:
     crawl, then what reading and media checks refused (and reasons no operator declares),
@@ -116,7 +123,7 @@ def funnel(con, recipe: Recipe) -> list[dict]:
     from ..ops.base import GlobalOp, registry
 
     counts = con.sql("SELECT stage, status, coalesce(reason, '') AS reason, count(*) FROM ledger "
-                     "GROUP BY ALL ORDER BY 4 DESC, 3").fetchall()
+                     f"WHERE {inputs_only(con)} GROUP BY ALL ORDER BY 4 DESC, 3").fetchall()
     known = registry()
     owner: dict[str, str] = {}
     # Without a recorded recipe (run.json deleted), every registered operator, in no known order.
@@ -652,12 +659,16 @@ def write_report(root: str | Path, out: str | Path | None = None, train_runs: li
     if training:
         sections.append(("training", "Training loss", training))
 
-    totals = {status: n for status, n in con.sql("SELECT status, count(*) FROM ledger GROUP BY status").fetchall()}
+    totals = {status: n for status, n in con.sql(f"SELECT status, count(*) FROM ledger WHERE {inputs_only(con)} "
+                                                  "GROUP BY status").fetchall()}
+    derived = dict(con.sql(f"SELECT status, count(*) FROM ledger WHERE NOT ({inputs_only(con)}) GROUP BY status").fetchall())
     ledger_rows = sum(totals.values())
     name = summary.get("pipeline") or recipe.record.get("name") or run_root.name
     head = (f"<h1>Curation report: {html.escape(str(name))}</h1>"
             f"<p>config {html.escape(str(summary.get('config_hash', '?')))} &middot; {ledger_rows} inputs = "
             + " + ".join(f"{totals[s]} {s}" for s in ("kept", "dropped", "failed") if s in totals)
+            + (f" &middot; {sum(derived.values())} samples derived from them (video clips): "
+               + ", ".join(f"{n} {s}" for s, n in sorted(derived.items())) if derived else "")
             + (f" &middot; {summary['seconds']} s" if _number(summary.get("seconds")) is not None else "")
             + "".join(f" &middot; {k.replace('_at', '')} {html.escape(summary[k])}" for k in ("started_at", "finished_at")
                       if isinstance(summary.get(k), str)) + "</p>"

@@ -73,6 +73,9 @@ def read_picked(batch: dict, pending_path: str | None, stats_dir: str) -> Iterat
                     rows.append({"shard_id": where[0], "pos": where[1], "names": media[:1], "datas": [data],
                                  "embedding": vectors.get(key)})
                     size += len(data)
+                    if size >= BLOCK_BYTES:  # a shard's clips can add up: blocks stay bounded
+                        yield pa.Table.from_pylist(rows, schema=MEDIA_SCHEMA)
+                        rows, size = [], 0
     for row, files in (rawshards.read_shard(shard, source) if wanted else ()):
         # Only a sample the reader kept can have been picked (a later duplicate of a key fails)
         where = wanted.get(row["raw_key"]) if row["status"] == "kept" else None
