@@ -77,11 +77,11 @@ def s3(monkeypatch):
         server.stop()
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """Under pytest-xdist (`--dist loadgroup`): every test that uses the session's
     `demo_out` in one group, so the demo is curated once per run, not once per worker;
-    the other tests grouped by module, so a module's fixtures are built once."""
-    for item in items:
-        group = "demo_out" if "demo_out" in getattr(item, "fixturenames", ()) else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+    the other tests grouped by module, so a module's fixtures are built once. (Marked as
+    each item is collected: xdist reads the marks in its own collection_modifyitems, which
+    runs before a conftest's.)"""
+    group = "demo_out" if "demo_out" in getattr(item, "fixturenames", ()) else item.module.__name__
+    item.add_marker(pytest.mark.xdist_group(group))
