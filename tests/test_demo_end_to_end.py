@@ -73,7 +73,11 @@ def test_duplicates_removed_and_originals_kept(outcomes):
     # Each copy group keeps exactly one member: the copy or its original, not both.
     n_dup_drops = outcomes["reason"].isin(["duplicate_exact", "duplicate_near"]).sum()
     assert n_dup_drops >= 0.95 * len(copies)
-    assert (scenes["status"] == "kept").mean() > 0.9
+    # A scene is kept, or lost to its own planted copy (exact_dedup keeps the larger image,
+    # then the lower uid, so an original can be the one dropped); anything else is rare.
+    lost_to_copy = scenes["reason"].isin(["duplicate_exact", "duplicate_near"])
+    assert ((scenes["status"] == "kept") | lost_to_copy).mean() > 0.95
+    assert lost_to_copy.sum() <= len(copies)
     dup_of = outcomes.loc[outcomes["reason"] == "duplicate_exact", "dup_of"]
     assert dup_of.isin(outcomes.loc[outcomes["status"] == "kept", "uid"]).all()
 
