@@ -659,9 +659,10 @@ def write_report(root: str | Path, out: str | Path | None = None, train_runs: li
     if training:
         sections.append(("training", "Training loss", training))
 
-    totals = {status: n for status, n in con.sql(f"SELECT status, count(*) FROM ledger WHERE {inputs_only(con)} "
+    inputs = inputs_only(con)
+    totals = {status: n for status, n in con.sql(f"SELECT status, count(*) FROM ledger WHERE {inputs} "
                                                   "GROUP BY status").fetchall()}
-    derived = dict(con.sql(f"SELECT status, count(*) FROM ledger WHERE NOT ({inputs_only(con)}) GROUP BY status").fetchall())
+    derived = dict(con.sql(f"SELECT status, count(*) FROM ledger WHERE NOT ({inputs}) GROUP BY status").fetchall())
     ledger_rows = sum(totals.values())
     name = summary.get("pipeline") or recipe.record.get("name") or run_root.name
     head = (f"<h1>Curation report: {html.escape(str(name))}</h1>"
