@@ -12,11 +12,17 @@ Layout under the corpus folder:
                              `decontaminate` protects; some of its images are planted in
                              the crawl as exact, re-encoded, resized and cropped copies
                              (planted eval_*, truth's eval_item names the reference key)
+  robots.txt, ai.txt,        the opt-out signals the demo server publishes (with the
+  .well-known/tdmrep.json    response headers of RESPONSE_HEADERS): OPTOUT_PLANTS' folders
+                             are refused, each by its own signal; OPTOUT_DECOYS' are not
+  truth_videos.parquet       per video: its shots, the hard cuts between them and the clips
+                             the bundled video_clips recipe must cut it into
   corpus.json                counts per category and the build parameters
 
 `planted` categories: scene (a true caption), mismatch (caption of another scene),
 text_sign (OCR-rich), exact_dup, near_dup, tiny, huge, elongated, truncated, random_bytes,
-html, short_caption, missing (404).
+html, short_caption, missing (404), eval_* (above), optout_<signal> (refused by that
+signal), optout_decoy (looks refused, is allowed).
 """
 
 from __future__ import annotations
@@ -24,18 +30,20 @@ from __future__ import annotations
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
+from ..crawl.fetch import USER_AGENT_TOKEN
 from ..fsutil import atomic_write_bytes, atomic_write_text
+from ..ops.clips import X264_OPTIONS
 from ..wds import tar_bytes
 from . import scenes
 
-CORPUS_VERSION = "6"
+CORPUS_VERSION = "7"
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class CorpusPlan:
 
     scene: int = 2200
     mismatch: int = 250
+    mismatch_qa: bool = False  # mismatches carry the questions of the scene their caption describes
     text_sign: int = 200
     exact_dup: int = 100
     near_dup: int = 100
@@ -60,13 +69,36 @@ class CorpusPlan:
     trusted: int = 1000  # hand-checked pairs, not crawled: what train-filter learns from
     eval_items: int = 60  # the evaluation set decontaminate protects (eval/shapes_bench)
     eval_copied: int = 12  # of its images, planted in the crawl in each of EVAL_COPIES' forms
+    optout: int = 8  # scenes per opt-out signal that the signal must refuse (OPTOUT_PLANTS)
+    optout_decoys: int = 4  # per OPTOUT_DECOYS form: under an opt-out folder, yet allowed
+    multi_scene_videos: int = 9  # videos of 2-3 shots with hard cuts (MULTI_SCENE), besides `videos`
+
+    @classmethod
+    def noisy(cls, share: float = 0.3, base: "CorpusPlan | None" = None) -> "CorpusPlan":
+        """`base` (default: the full plan) as noisy as web data: `share` of its image-text
+        rows are mismatches whose caption AND questions describe another scene (web text
+        about the wrong image is wrong in every field); duplicates and junk keep their
+        share of the rows, the true scenes their count (eval copies and opt-out plants,
+        a few dozen rows, are not counted)."""
+        base = base or cls()
+        other = ("exact_dup", "near_dup", "tiny", "huge", "elongated", "truncated", "random_bytes", "html",
+                 "short_caption", "missing")
+        clean = base.scene + base.text_sign
+        rows = clean + base.mismatch + sum(getattr(base, f) for f in other)
+        other_share = sum(getattr(base, f) for f in other) / rows
+        if not 0 <= share < 1 - other_share:
+            raise ValueError(f"mismatch share must be in [0, {1 - other_share:.2f}) for this plan, not {share}")
+        total = clean / (1 - share - other_share)
+        return replace(base, mismatch=round(share * total), mismatch_qa=True,
+                       **{f: round(getattr(base, f) * total / rows) for f in other})
 
     @classmethod
     def small(cls) -> "CorpusPlan":
         """A few hundred rows with every category present, for fast tests."""
         return cls(scene=160, mismatch=30, text_sign=20, exact_dup=12, near_dup=12, tiny=5, huge=2,
                    elongated=5, truncated=5, random_bytes=4, html=3, short_caption=6, missing=5,
-                   documents=6, videos=3, trusted=400, eval_items=24, eval_copied=8)
+                   documents=6, videos=3, trusted=400, eval_items=24, eval_copied=8, optout=2,
+                   optout_decoys=1, multi_scene_videos=3)
 
 
 def _write(root: Path, rel: str, data: bytes) -> str:
@@ -128,33 +160,133 @@ def _plant_eval_copies(root: Path, seed: int, plan: "CorpusPlan", rows: list[dic
         rows.insert(rng.randint(0, len(rows)), row)
 
 
-def _video_bytes(scene: scenes.Scene, direction: str, n_frames: int = 16) -> bytes:
-    import av  # PyAV ships its own FFmpeg
+# Opt-out plants. planted category -> (folder, the signal that must refuse it: its
+# evidence entry's `signal`, and the crawl's reason). Each folder holds scenes with true
+# captions, which nothing else would drop.
+OPTOUT_PLANTS = {
+    "optout_robots": ("files/optout/robots", "robots", "opt_out:robots"),
+    "optout_tdmrep": ("files/optout/tdm", "tdmrep", "opt_out:tdm"),
+    "optout_ai_txt": ("files/optout/ai", "ai_txt", "opt_out:ai_txt"),  # .jpeg: ai.txt disallows *.jpeg
+    "optout_tdm_header": ("files/optout/tdm-header", "tdm_header", "opt_out:tdm"),
+    "optout_x_robots_tag": ("files/optout/x-robots", "x_robots_tag", "opt_out"),
+}
+# Folders whose files look refused and are not: the rule that lets each through.
+OPTOUT_DECOYS = {
+    "files/optout/robots/public": "robots.txt: a longer Allow inside our disallowed folder",
+    "files/optout/tdm/free": "tdmrep.json: a longer location with tdm-reservation 0",
+    "files/optout/x-robots-other": "X-Robots-Tag: noai addressed to another crawler",
+}
+# robots.txt: everyone else is refused everything; our crawler's own group (RFC 9309: it
+# replaces `*`) refuses one folder only.
+ROBOTS_TXT = f"""# The demo server's robots.txt (curation/demo/corpus.py)
+User-agent: *
+Disallow: /
 
-    obj = scene.objects[0]
+User-agent: {USER_AGENT_TOKEN}
+Disallow: /files/optout/robots/
+Allow: /files/optout/robots/public/
+"""
+AI_TXT = "# Spawning ai.txt: no AI training on .jpeg files\nUser-Agent: *\nDisallow: *.jpeg\n"
+TDMREP = [{"location": "/files/optout/tdm/*", "tdm-reservation": 1,
+           "tdm-policy": "https://example.org/demo-tdm-policy.json"},
+          {"location": "/files/optout/tdm/free/*", "tdm-reservation": 0}]
+# What the demo server adds to responses under these url path prefixes.
+RESPONSE_HEADERS = {
+    "/files/optout/tdm-header/": (("tdm-reservation", "1"),),
+    "/files/optout/x-robots/": (("X-Robots-Tag", f"{USER_AGENT_TOKEN}: noai"),),
+    "/files/optout/x-robots-other/": (("X-Robots-Tag", "otherbot: noai, noimageai"),),
+}
+
+
+def _plant_optouts(root: Path, seed: int, plan: "CorpusPlan", rows: list[dict]) -> None:
+    """Write the host's signal files, and `plan.optout` scenes per signal (plus the
+    decoys) into the url list at random places. Their own random stream: the rest of the
+    corpus is the same with or without them."""
+    rng = random.Random(seed + 3)
+    _write(root, "robots.txt", ROBOTS_TXT.encode())
+    _write(root, "ai.txt", AI_TXT.encode())
+    _write(root, ".well-known/tdmrep.json", (json.dumps(TDMREP, indent=1) + "\n").encode())
+    folders = [(planted, folder, plan.optout) for planted, (folder, _, _) in OPTOUT_PLANTS.items()]
+    folders += [("optout_decoy", folder, plan.optout_decoys) for folder in OPTOUT_DECOYS]
+    planted_rows = []
+    for planted, folder, n in folders:
+        ext = "jpeg" if planted == "optout_ai_txt" else "jpg"
+        for i in range(n):
+            sc = scenes.random_scene(rng)
+            rel = _write(root, f"{folder}/{i:05d}.{ext}", scenes.encode_jpeg(scenes.render(sc)))
+            planted_rows.append({"path": rel, "caption": scenes.caption(sc, rng), "qa": json.dumps(scenes.questions(sc)),
+                                 "planted": planted})
+    for row in planted_rows:
+        rows.insert(rng.randint(0, len(rows)), row)
+
+
+# Multi-scene videos: hard cuts between shots of clearly different scenes (a dark
+# background of its own, a shape of another colour), 8 fps. Per pattern: the shot lengths
+# (seconds), and the clips the bundled video_clips recipe (VIDEO_CLIPS_LIMITS) must cut
+# the video into: a shot shorter than min_seconds joins the clip before it.
+MULTI_SCENE = (  # keyframe_cuts: a keyframe starts each shot, so its clips are remuxed, the others re-encoded
+    {"shots": (2.0, 2.0), "clips": ((0.0, 2.0), (2.0, 4.0)), "keyframe_cuts": True},
+    {"shots": (1.5, 2.0, 1.5), "clips": ((0.0, 1.5), (1.5, 3.5), (3.5, 5.0))},
+    {"shots": (2.0, 0.5, 2.0), "clips": ((0.0, 2.5), (2.5, 4.5))},
+)
+VIDEO_CLIPS_LIMITS = {"min_seconds": 1.0, "max_seconds": 30.0}  # pipelines/video_clips.yaml's, which MULTI_SCENE assumes
+VIDEO_FPS = 8
+SHOT_BACKGROUNDS = ((25, 35, 95), (110, 25, 30), (25, 95, 45), (70, 70, 70))
+DIRECTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
+
+
+def _plant_multi_scene_videos(root: Path, seed: int, plan: "CorpusPlan") -> tuple[list[dict], list[dict]]:
+    """`plan.multi_scene_videos` videos cycling through MULTI_SCENE: (url list rows, truth rows)."""
+    rng = random.Random(seed + 4)
+    rows, truth = [], []
+    for v in range(plan.multi_scene_videos):
+        pattern = MULTI_SCENE[v % len(MULTI_SCENE)]
+        backgrounds = rng.sample(SHOT_BACKGROUNDS, len(pattern["shots"]))
+        colours = rng.sample(sorted(scenes.COLOURS), len(pattern["shots"]))
+        shots = [(bg, colour, rng.choice(DIRECTIONS), round(seconds * VIDEO_FPS))
+                 for bg, colour, seconds in zip(backgrounds, colours, pattern["shots"])]
+        rel = _write(root, f"files/video/multi/{v:04d}.mp4", _video_bytes(shots, pattern.get("keyframe_cuts", False)))
+        rows.append({"path": rel, "caption": ", then ".join(f"a {c} circle moves from {d}" for _, c, d, _ in shots)
+                     .capitalize() + "."})
+        cuts = [float(sum(pattern["shots"][:k])) for k in range(1, len(pattern["shots"]))]
+        truth.append({"path": rel, "planted": "multi_scene", "shots": list(pattern["shots"]), "cuts": cuts,
+                      "clip_starts": [a for a, _ in pattern["clips"]], "clip_ends": [b for _, b in pattern["clips"]],
+                      "keyframe_cuts": pattern.get("keyframe_cuts", False)})
+    return rows, truth
+
+
+def _video_bytes(shots: list[tuple[tuple[int, int, int], str, str, int]], keyframe_cuts: bool = False) -> bytes:
+    """An H.264 mp4 of one or more shots, each (background, circle colour, direction the
+    circle moves, frames), cut hard from one to the next; `keyframe_cuts`: each shot starts
+    on a keyframe (else only the first frame is one)."""
+    import av  # PyAV ships its own FFmpeg
+    from av.video.frame import PictureType
+    from PIL import ImageDraw
+
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         # H.264: what browsers play (curate browse shows clips in a <video>); MPEG-4 Part 2
         # plays nowhere on the web. One thread, no lookahead or B-frames, frames given as
         # yuv420p: x264 then writes the same bytes every time (with them it does not).
-        stream = container.add_stream("libx264", rate=8, options={"threads": "1", "bframes": "0", "rc-lookahead": "0",
-                                                                    "sync-lookahead": "0"})
+        stream = container.add_stream("libx264", rate=VIDEO_FPS, options=dict(X264_OPTIONS))
         stream.width, stream.height, stream.pix_fmt = 96, 96, "yuv420p"
-        for t in range(n_frames):
-            frac = t / (n_frames - 1)
-            pos = frac if direction in ("left to right", "top to bottom") else 1 - frac
-            img = Image.new("RGB", (96, 96), scene.background)
-            from PIL import ImageDraw
-
-            d = ImageDraw.Draw(img)
-            c = int(14 + pos * 68)
-            cx, cy = (c, 48) if "left" in direction else (48, c)
-            d.ellipse((cx - 12, cy - 12, cx + 12, cy + 12), fill=scenes.COLOURS[obj.colour])
-            frame = av.VideoFrame.from_image(img).reformat(format="yuv420p")
-            frame.pts = t
-            frame.time_base = Fraction(1, 8)
-            for packet in stream.encode(frame):
-                container.mux(packet)
+        pts = 0
+        for background, colour, direction, n_frames in shots:
+            for t in range(n_frames):
+                frac = t / (n_frames - 1)
+                pos = frac if direction in ("left to right", "top to bottom") else 1 - frac
+                img = Image.new("RGB", (96, 96), background)
+                c = int(14 + pos * 68)
+                cx, cy = (c, 48) if "left" in direction else (48, c)
+                ImageDraw.Draw(img).ellipse((cx - 12, cy - 12, cx + 12, cy + 12), fill=scenes.COLOURS[colour])
+                frame = av.VideoFrame.from_image(img).reformat(format="yuv420p")
+                frame.pts = pts
+                frame.time_base = Fraction(1, VIDEO_FPS)
+                if keyframe_cuts and t == 0:
+                    frame.pict_type = PictureType.I
+                pts += 1
+                for packet in stream.encode(frame):
+                    container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
@@ -190,7 +322,7 @@ def build(root: str | Path, seed: int = 0, plan: CorpusPlan | None = None) -> di
         while {(o.shape, o.colour) for o in other.objects} & {(o.shape, o.colour) for o in sc.objects}:
             other = scenes.random_scene(rng)
         rel = _write(root, f"files/mismatch/{i:05d}.jpg", scenes.encode_jpeg(scenes.render(sc)))
-        add("mismatch", rel, scenes.caption(other, rng))
+        add("mismatch", rel, scenes.caption(other, rng), scenes.questions(other) if plan.mismatch_qa else None)
     for i in range(plan.text_sign):
         sc = scenes.random_scene(rng, with_word=True)
         rel = _write(root, f"files/sign/{i:05d}.jpg", scenes.encode_jpeg(scenes.render(sc)))
@@ -233,6 +365,7 @@ def build(root: str | Path, seed: int = 0, plan: CorpusPlan | None = None) -> di
 
     rng.shuffle(rows)  # interleave categories across raw shards
     _plant_eval_copies(root, seed, plan, rows)
+    _plant_optouts(root, seed, plan, rows)
     table = pd.DataFrame(rows)
     table[["path", "caption", "qa"]].to_parquet(root / "image_text.parquet", index=False)
     table["eval_item"] = table["eval_item"] if "eval_item" in table.columns else None
@@ -259,10 +392,15 @@ def build(root: str | Path, seed: int = 0, plan: CorpusPlan | None = None) -> di
     for v in range(plan.videos):
         sc = scenes.random_scene(rng)
         direction = rng.choice(["left to right", "right to left", "top to bottom", "bottom to top"])
-        rel = _write(root, f"files/video/{v:04d}.mp4", _video_bytes(sc, direction))
         obj = sc.objects[0]
+        rel = _write(root, f"files/video/{v:04d}.mp4", _video_bytes([(sc.background, obj.colour, direction, 16)]))
         videos.append({"path": rel, "caption": f"A {obj.colour} circle moves from {direction}."})
+    video_truth = [{"path": v["path"], "planted": "one_scene", "shots": [2.0], "cuts": [], "clip_starts": [],
+                    "clip_ends": [], "keyframe_cuts": False} for v in videos]  # one scene: video_clips leaves it whole
+    multi, multi_truth = _plant_multi_scene_videos(root, seed, plan)
+    videos += multi
     pd.DataFrame(videos).to_parquet(root / "videos.parquet", index=False)
+    pd.DataFrame(video_truth + multi_truth).to_parquet(root / "truth_videos.parquet", index=False)
 
     # The trusted set: fresh scenes with true captions, as a WebDataset tar, drawn from
     # their own random stream so the crawled corpus does not change with its size.
@@ -277,6 +415,6 @@ def build(root: str | Path, seed: int = 0, plan: CorpusPlan | None = None) -> di
 
     counts = table["planted"].value_counts().sort_index().to_dict()
     summary = {"params": params, "image_text_rows": len(table), "planted": counts,
-               "documents": len(docs), "videos": len(videos), "trusted": plan.trusted}
+               "documents": len(docs), "videos": len(videos), "multi_scene_videos": len(multi), "trusted": plan.trusted}
     atomic_write_text(stamp, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -30,10 +30,11 @@ CAPTIONER_STEPS = {"full": 400, "small": 150}
 
 
 def run_demo(out: str | Path, small: bool = False, ray_address: str | None = None,
-             samples_per_shard: int = 500, log=print) -> dict:
+             samples_per_shard: int = 500, log=print, plan: corpus.CorpusPlan | None = None) -> dict:
+    """`plan`: another corpus (bench/bench_data_to_model.py's noisy one); default the full or small plan."""
     out = Path(out)
     t0 = time.time()
-    plan = corpus.CorpusPlan.small() if small else corpus.CorpusPlan()
+    plan = plan or (corpus.CorpusPlan.small() if small else corpus.CorpusPlan())
     log(f"[1/4] building the demo corpus in {out / 'corpus'}")
     info = corpus.build(out / "corpus", plan=plan)
     raw = out / "raw"
@@ -42,7 +43,7 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
     else:
         # The demo server is our own on loopback: allow exactly that address, nothing else private.
         loopback = ("127.0.0.1/32",)
-        with serve_directory(out / "corpus") as base:
+        with serve_directory(out / "corpus", headers=corpus.RESPONSE_HEADERS) as base:
             log(f"[2/4] crawling {info['image_text_rows']} image urls, {info['documents']} documents and "
                 f"{info['videos']} videos from the demo server at {base}")
             urls = pd.read_parquet(out / "corpus" / "image_text.parquet")

@@ -21,10 +21,27 @@ class LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
+class _HeaderHandler(_QuietHandler):
+    """Adds `extra_headers` ((url path prefix, ((name, value), ...)), ...) to the responses
+    under each prefix: the demo's opt-out headers (corpus.RESPONSE_HEADERS)."""
+
+    extra_headers: tuple = ()
+
+    def end_headers(self):
+        path = self.path.split("?", 1)[0]
+        for prefix, headers in self.extra_headers:
+            if path.startswith(prefix):
+                for name, value in headers:
+                    self.send_header(name, value)
+        super().end_headers()
+
+
 @contextlib.contextmanager
-def serve_directory(root: str | Path):
-    """Serve `root` on 127.0.0.1 on a free port; yields the base url (no trailing slash)."""
-    with serve(functools.partial(_QuietHandler, directory=str(root))) as base:
+def serve_directory(root: str | Path, headers: dict[str, tuple] | None = None):
+    """Serve `root` on 127.0.0.1 on a free port; yields the base url (no trailing slash).
+    `headers`: url path prefix -> ((name, value), ...) added to the responses under it."""
+    handler = type("_Handler", (_HeaderHandler,), {"extra_headers": tuple((headers or {}).items())})
+    with serve(functools.partial(handler, directory=str(root))) as base:
         yield base
 
 

@@ -41,8 +41,9 @@ from ._media import video_bytes_of
 from .base import LIVE, MapOp, Resources, describe_error, register
 from .frames import PyAvVideo, sample_indices, split_scenes
 
-# What an encoder needs to write the same bytes every run (as the demo's videos).
-X264_OPTIONS = {"threads": "1", "bframes": "0", "rc-lookahead": "0", "sync-lookahead": "0"}
+# What an encoder needs to write the same bytes every run, with no B-frames (the demo's
+# videos use it too). FFmpeg's name for x264's bframes is `bf`: an unknown key is ignored.
+X264_OPTIONS = {"threads": "1", "bf": "0", "rc-lookahead": "0", "sync-lookahead": "0"}
 # Where a kept clip's mp4 travels from stage A to stage C (it is in no raw shard).
 CLIP_BYTES_COLUMN = "video_clip_bytes"
 # On a video that was cut: how many clip rows it made (stage A commits a raw shard only
