@@ -53,6 +53,11 @@ def cmd_demo(args) -> None:
     if q:
         print(f"\nCLIP filter vs the planted mismatched captions: precision {q['precision']:.1%}, recall "
               f"{q['recall']:.1%} (chance precision {q['base_rate']:.1%}); score AUC true vs mismatched {q['auc']}")
+    o = summary.get("optout_plants")
+    if o:
+        print("opt-out plants refused by their signal: " + ", ".join(
+            f"{signal} {n['refused']}/{n['planted']}" for signal, n in o["signals"].items())
+            + f"; other urls refused by an opt-out: {o['others_refused']}")
     print(f"\ndemo finished in {summary['demo_seconds']} s")
 
 

@@ -20,7 +20,7 @@ from ..captioner import train_captioner
 from ..clipfilter import CALIBRATION_FILE, train_filter
 from ..runner import run_pipeline
 from . import corpus
-from .truth import clip_filter_quality
+from .truth import clip_filter_quality, optout_quality
 from .server import serve_directory
 
 
@@ -90,6 +90,7 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
     cfg = config.load(recipe)
     summary = run_pipeline(cfg, raw, out / "curated", ray_address=ray_address)
     summary["clip_filter"] = clip_filter_quality(out)
+    summary["optout_plants"] = optout_quality(out)
     summary["report"] = str(write_report(out / "curated"))
     summary["demo_seconds"] = round(time.time() - t0, 2)
     return summary
