@@ -245,7 +245,7 @@ def _plant_multi_scene_videos(root: Path, seed: int, plan: "CorpusPlan") -> tupl
         colours = rng.sample(sorted(scenes.COLOURS), len(pattern["shots"]))
         shots = [(bg, colour, rng.choice(DIRECTIONS), round(seconds * VIDEO_FPS))
                  for bg, colour, seconds in zip(backgrounds, colours, pattern["shots"])]
-        rel = _write(root, f"files/video/multi/{v:04d}.mp4", _video_bytes(shots, pattern.get("keyframe_cuts", False)))
+        rel = _write(root, f"files/video/multi/{v:04d}.mp4", _shots_video_bytes(shots, pattern.get("keyframe_cuts", False)))
         rows.append({"path": rel, "caption": ", then ".join(f"a {c} circle moves from {d}" for _, c, d, _ in shots)
                      .capitalize() + "."})
         cuts = [float(sum(pattern["shots"][:k])) for k in range(1, len(pattern["shots"]))]
@@ -255,7 +255,12 @@ def _plant_multi_scene_videos(root: Path, seed: int, plan: "CorpusPlan") -> tupl
     return rows, truth
 
 
-def _video_bytes(shots: list[tuple[tuple[int, int, int], str, str, int]], keyframe_cuts: bool = False) -> bytes:
+def _video_bytes(scene: scenes.Scene, direction: str, n_frames: int = 16) -> bytes:
+    """A one-shot video: the scene's first shape's colour as a circle moving `direction`."""
+    return _shots_video_bytes([(scene.background, scene.objects[0].colour, direction, n_frames)])
+
+
+def _shots_video_bytes(shots: list[tuple[tuple[int, int, int], str, str, int]], keyframe_cuts: bool = False) -> bytes:
     """An H.264 mp4 of one or more shots, each (background, circle colour, direction the
     circle moves, frames), cut hard from one to the next; `keyframe_cuts`: each shot starts
     on a keyframe (else only the first frame is one)."""
@@ -393,7 +398,7 @@ def build(root: str | Path, seed: int = 0, plan: CorpusPlan | None = None) -> di
         sc = scenes.random_scene(rng)
         direction = rng.choice(["left to right", "right to left", "top to bottom", "bottom to top"])
         obj = sc.objects[0]
-        rel = _write(root, f"files/video/{v:04d}.mp4", _video_bytes([(sc.background, obj.colour, direction, 16)]))
+        rel = _write(root, f"files/video/{v:04d}.mp4", _video_bytes(sc, direction))
         videos.append({"path": rel, "caption": f"A {obj.colour} circle moves from {direction}."})
     video_truth = [{"path": v["path"], "planted": "one_scene", "shots": [2.0], "cuts": [], "clip_starts": [],
                     "clip_ends": [], "keyframe_cuts": False} for v in videos]  # one scene: video_clips leaves it whole
