@@ -383,7 +383,8 @@ def plot(result: dict, png: str | Path) -> None:
     ax.axhline(result["chance"], linestyle="--", color="grey", label="chance")
     ax.set_xticks(range(len(arms)), arms)
     ax.set(ylabel="held-out answer accuracy (95% interval)", ylim=(0, 1),
-           title=f"{result['settings']['arch']}, {result['settings']['steps']} steps, {len(result['settings']['seeds'])} seeds")
+           title=f"{result['settings']['arch']}, {result['settings']['steps']} steps, seeds "
+                 f"{', '.join(map(str, result['settings']['seeds']))}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
