@@ -171,6 +171,29 @@ def test_hf_encoder_features_are_hidden_states_minus_two(family, tmp_path):
         assert not torch.allclose(got, last_normed[:, prefix:], atol=1e-3)  # never the final norm
 
 
+def test_open_clip_folder_is_an_encoder(tmp_path):
+    """A folder as `curate train-filter` writes it (the demo's CLIP filter) is an encoder:
+    its geometry and CLIP normalisation reach the config, and the features are block outputs."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from curation.clipfilter import TINY_CLIP
+
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(**TINY_CLIP).eval()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {
+        "size": 64, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}}))
+    cfg = model_config("evlm", vision_id=str(tmp_path))
+    model = VLM(cfg, TOK.vocab_size, TOK.image_id).eval()
+    assert (cfg.image_size, cfg.patch_size, cfg.vision_dim, cfg.vision_depth) == (64, 8, 128, 2)
+    assert model.vision.backend == "open_clip" and model.vision.mean == tuple(open_clip.OPENAI_DATASET_MEAN)
+    with torch.no_grad():
+        assert torch.equal(model.vision.vit.conv1.weight, clip.visual.conv1.weight)  # its weights, not random ones
+        got = model.vision(torch.randn(2, 3, 64, 64), [0, 1])
+    assert [tuple(f.shape) for f in got] == [(2, 64, 128), (2, 64, 128)]
+
+
 # ---------------------------------------------------------------- 3. layer lists from depths
 
 

@@ -36,7 +36,8 @@ def add_train_parser(subparsers) -> None:
     t.add_argument("--trainable", choices=["connector", "full"],
                    help="override what trains (default: connector in the plan's first stage, full model after)")
     t.add_argument("--init", help="start from the weights of another run folder (e.g. the previous stage)")
-    t.add_argument("--vision", dest="vision_id", help="real encoder: timm:NAME, open_clip:NAME[@TAG] or a path")
+    t.add_argument("--vision", dest="vision_id", help="real encoder: timm:NAME, open_clip:NAME[@TAG], hf:ID, or a folder (open_clip, "
+                   "e.g. the demo's models/clip-filter; transformers CLIP/SigLIP; timm)")
     t.add_argument("--lm", dest="lm_id", help="real LM (Qwen2-style): hub id or local path; its tokenizer too")
     t.add_argument("--max-len", type=int, help="tokens per packed row (default from --size)")
     t.add_argument("--vision-feature-layer", type=int,

@@ -4,8 +4,9 @@ transformers CLIP/SigLIP vision tower.
 `vision_id` picks a real encoder: "timm:NAME" (e.g. timm:vit_so400m_patch14_siglip_384),
 "open_clip:NAME[@PRETRAINED]" (e.g. open_clip:ViT-SO400M-14-SigLIP-384@webli),
 "hf:ID_OR_PATH" (e.g. hf:google/siglip-so400m-patch14-384, a CLIP or SigLIP model or its
-vision tower), or a local folder (a transformers CLIP/SigLIP folder if its config.json
-says so, otherwise a timm checkpoint folder). Every variant returns patch tokens (no
+vision tower), or a local folder: an open_clip one (`open_clip_config.json`, what `curate
+train-filter` writes, so the demo's own CLIP filter can be the encoder), a transformers
+CLIP/SigLIP one (its config.json says so), otherwise a timm checkpoint folder. Every variant returns patch tokens (no
 class token) of chosen blocks.
 
 Which features: LLaVA reads "vision_feature_layer -2": the output of the second-to-last
@@ -56,6 +57,8 @@ class VisionEncoder(nn.Module):
             self.backend = "timm"
         elif vision_id.startswith("open_clip:"):
             self._load_open_clip(vision_id.removeprefix("open_clip:"))
+        elif (Path(vision_id) / "open_clip_config.json").is_file():
+            self._load_open_clip(f"local-dir:{vision_id}")  # open_clip reads a local folder only by this prefix
         elif vision_id.startswith("hf:") or _is_hf_folder(vision_id):
             self._load_hf(vision_id.removeprefix("hf:"))
         elif not vision_id.startswith("timm:") and Path(vision_id).is_dir():
