@@ -57,7 +57,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 # The training recipe, the same for every arm (the lead tunes it; CLI options override).
-TRAIN_DEFAULTS = {"arch": "llava", "size": "tiny", "steps": 300, "lr": 1e-3, "batch_size": 16, "trainable": "full",
+# The encoder: the run's own CLIP filter (demo/models/clip-filter, trained on the trusted set,
+# the same for every arm), as the four papers start from a pretrained CLIP/SigLIP encoder;
+# `--random-encoder` trains the tiny from-code ViT instead (README "Do the models look?").
+TRAIN_DEFAULTS = {"arch": "owl3", "size": "tiny", "steps": 500, "lr": 1e-3, "batch_size": 16, "trainable": "full",
                   "model_overrides": {}}
 SEEDS = (0, 1, 2)
 ARMS = ("raw", "curated", "curated_no_clip")
@@ -208,7 +211,8 @@ def training_mix(paths: Paths, arm: str) -> dict:
 # ------------------------------------------------------------------ training and evaluation
 
 def run_dir(paths: Paths, settings: dict, arm: str, seed: int) -> Path:
-    tag = f"{settings['arch']}-{settings['size']}-{settings['steps']}steps"
+    encoder = "clip" if settings["model_overrides"].get("vision_id") else "random"
+    tag = f"{settings['arch']}-{settings['size']}-{encoder}-{settings['steps']}steps"
     return paths.root / "train" / tag / f"{arm}-seed{seed}"
 
 
@@ -284,7 +288,7 @@ def summarise(correct: dict[str, dict[int, dict[str, list[bool]]]], chance: floa
 
 
 def measure(work: str | Path, noise: float = 0.3, seeds=SEEDS, small: bool = False, questions: int | None = None,
-            **train_settings) -> dict:
+            random_encoder: bool = False, **train_settings) -> dict:
     """The whole bench (module docstring); returns every figure, per-phase seconds included."""
     import torch
 
@@ -303,6 +307,8 @@ def measure(work: str | Path, noise: float = 0.3, seeds=SEEDS, small: bool = Fal
         mixes[arm]["curation_seconds"] = json.loads((paths.arm(arm) / "summary.json").read_text()).get("seconds")
     for arm, mix in mixes.items():
         log(f"{arm}: {mix['samples']} training samples, {mix['mismatch_share']:.1%} planted mismatches")
+    if not random_encoder and "vision_id" not in settings["model_overrides"]:
+        settings["model_overrides"]["vision_id"] = str((paths.demo / "models" / "clip-filter").resolve())
 
     torch.set_num_threads(1)
     for arm in ARMS:
@@ -343,7 +349,8 @@ def measure(work: str | Path, noise: float = 0.3, seeds=SEEDS, small: bool = Fal
 
 def table(result: dict) -> str:
     s = result["settings"]
-    lines = [f"Does curation pay? {s['arch']}/{s['size']}, {s['steps']} steps, batch {s['batch_size']}, lr {s['lr']}, "
+    encoder = "the run's CLIP filter as encoder" if s["model_overrides"].get("vision_id") else "random from-code encoder"
+    lines = [f"Does curation pay? {s['arch']}/{s['size']} ({encoder}), {s['steps']} steps, batch {s['batch_size']}, lr {s['lr']}, "
              f"seeds {', '.join(map(str, s['seeds']))}; {'small' if s['small'] else 'full'} demo, noise {s['noise']:.0%}; "
              f"{result['questions']} held-out questions of the curated plan, chance {result['chance']:.1%}", "",
              "| arm | training samples | planted mismatches | accuracy (pooled, 95% interval) | per seed | grey image |",
@@ -426,13 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
     ap.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                     help="another TrainOptions field (e.g. warmup=50) or a model override (e.g. vision_id=...)")
+    ap.add_argument("--random-encoder", action="store_true",
+                    help="train the tiny from-code ViT from random weights (default: the run's own CLIP filter)")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--plot", help="PNG: accuracy per arm with intervals")
     args = ap.parse_args(argv)
     settings = {"arch": args.arch, "size": args.size, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size}
     for option in args.train_option:
         _train_option(option, settings)
-    result = measure(args.work, args.noise, tuple(args.seeds), args.small, args.questions, **settings)
+    result = measure(args.work, args.noise, tuple(args.seeds), args.small, args.questions,
+                     random_encoder=args.random_encoder, **settings)
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
