@@ -8,7 +8,6 @@ without Ray: the recipe's operators, stage B's decisions and the final ledger)."
 import json
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
