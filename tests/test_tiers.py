@@ -102,7 +102,10 @@ def test_plan_on_the_demo(demo_out, tmp_path):
     assert ov["captioned_detail"]["samples"] == round(kept["captioned_detail"] * 0.25)
     assert sum(len(keys) for keys in ov["captioned_detail"]["shards"].values()) == ov["captioned_detail"]["samples"]
     assert ov["documents"]["shards"] and all(v is None for v in ov["documents"]["shards"].values())  # all: whole shards
-    assert ov["video"]["frames"] == 16 * ov["video"]["samples"] and ov["video"]["visual_tokens"] == 196 * ov["video"]["frames"]
+    # every video (strategy all), each its frames up to 32: the demo's 2 s videos have 16, its multi-scene ones 32-40
+    videos = pd.concat([pd.read_parquet(p) for p in sorted((demo_out / "curated" / "tiers" / "video").glob("*.parquet"))])
+    assert ov["video"]["samples"] == len(videos) and ov["video"]["frames"] == videos["num_frames"].clip(upper=32).sum()
+    assert ov["video"]["visual_tokens"] == 196 * ov["video"]["frames"]
     assert ov["documents"]["visual_tokens"] == 729 * ov["documents"]["images"]
 
 
