@@ -260,11 +260,10 @@ def answer_correctness(run: Path, questions, sets: dict) -> dict[str, list[bool]
 def summarise(correct: dict[str, dict[int, dict[str, list[bool]]]], chance: float) -> dict:
     """correct[arm][seed][condition] -> per arm pooled and per-seed accuracies with 95%
     Wilson intervals, paired differences between arms, and the floor's verdict."""
-    from curation.trainer.eval import paired_difference_interval, wilson_interval
+    from curation.trainer.eval import accuracy_rate, paired_difference_interval
 
     def rate(flags: list[bool]) -> dict:
-        k, n = int(sum(flags)), len(flags)
-        return {"accuracy": round(k / max(n, 1), 4), "interval": [round(x, 4) for x in wilson_interval(k, n)], "n": n}
+        return {**accuracy_rate(flags), "n": len(flags)}
 
     def per_question(arm: str) -> list[float]:  # each question's accuracy over the seeds
         runs = [correct[arm][s]["image"] for s in sorted(correct[arm])]

@@ -62,7 +62,8 @@ def paired_difference_interval(a: list[bool], b: list[bool], resamples: int = 20
     return {"difference": round(float(diff.mean()), 4), "interval": [round(float(lo), 4), round(float(hi), 4)]}
 
 
-def _rate(correct: list[bool]) -> dict:
+def accuracy_rate(correct: list[bool]) -> dict:
+    """Share of True with its 95% Wilson interval."""
     k, n = int(sum(correct)), len(correct)
     return {"accuracy": round(k / max(n, 1), 4), "interval": [round(x, 4) for x in wilson_interval(k, n)]}
 
@@ -217,8 +218,8 @@ def accuracy_report(model: VLM, tok, questions: list[Question], sets: dict[str, 
         row[4] += correct["shuffled"][i]
     n = len(questions)
     chance = sum(1 / len(c) for c in candidates) / n
-    return {"questions": n, **_rate(correct["image"]), "chance": round(chance, 4),
-            "grey": _rate(correct["grey"]), "shuffled": _rate(correct["shuffled"]),
+    return {"questions": n, **accuracy_rate(correct["image"]), "chance": round(chance, 4),
+            "grey": accuracy_rate(correct["grey"]), "shuffled": accuracy_rate(correct["shuffled"]),
             "minus_grey": paired_difference_interval(correct["image"], correct["grey"], seed=seed),
             "minus_shuffled": paired_difference_interval(correct["image"], correct["shuffled"], seed=seed),
             "by_question": {q: {"n": k, "accuracy": round(c / k, 4), "chance": round(ch / k, 4),
@@ -271,7 +272,7 @@ def distractor_report(model: VLM, tok, questions: list[Question], sets: dict[str
         prompts = [(images, q.q, "multi") for (images, _), q in zip(sets_at_n, chosen)]
         picks = choose_answers(model, tok, prompts, [sets[q.q] for q in chosen]) if chosen else []
         positions = [at for _, at in sets_at_n]
-        result[n] = {**_rate([p == q.a for p, q in zip(picks, chosen)]),
+        result[n] = {**accuracy_rate([p == q.a for p, q in zip(picks, chosen)]),
                      "chance": round(sum(1 / len(sets[q.q]) for q in chosen) / max(len(chosen), 1), 4),
                      "questions": len(chosen),
                      "target_positions": {str(k): positions.count(k) for k in sorted(set(positions))}}
