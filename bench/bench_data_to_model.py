@@ -1,9 +1,9 @@
 """Does curation pay? The same tiny model, trained for the same steps on the raw pool and
 on curated data, answers the same held-out questions; which data gives the better model?
 
-    .venv/bin/python bench/bench_data_to_model.py --work /tmp/d2m [--noise 0.3] [--seeds 0 1 2] [--steps N]
+    .venv/bin/python bench/bench_data_to_model.py --work /tmp/d2m [--noise 0.3 [0.5 ...]] [--seeds 0 1 2] [--steps N]
                      [--arch llava] [--size tiny] [--lr X] [--batch-size N] [--train-option KEY=VALUE ...]
-                     [--small] [--questions N] [--json FILE] [--plot PNG]
+                     [--small] [--questions N] [--jobs N] [--json FILE] [--plot PNG]
     .venv/bin/python bench/bench_data_to_model.py --small --steps 30 --seeds 0 --work /tmp/d2m   # smoke run
 
 1. A noisy demo corpus (curation.demo.corpus.CorpusPlan.noisy): `--noise` of the image-text
@@ -34,6 +34,10 @@ paired differences between arms over the same questions (each question's accurac
 averaged over the seeds, a 95% bootstrap interval that resamples questions). Floor (issue
 14): curated beats raw with the intervals apart (curated's lower bound above raw's upper).
 
+Several --noise shares: one corpus, crawl, curations and table each, and the plot shows
+each arm's accuracy against the share. --jobs N trains N models at a time (spawned
+processes, one compute thread each).
+
 --work DIR keeps everything (WORK/<small|full>-noise<share>/: demo/ with corpus, crawl,
 models and the curated arm, raw/, no_clip/, train/); a second run re-uses complete
 curations, finished trainings and their evaluations. Progress goes to stderr, the table
@@ -47,9 +51,11 @@ import contextlib
 import copy
 import dataclasses
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -234,11 +240,11 @@ def question_identity(questions) -> list[str]:
     return [f"{q.uid}/{q.q}/{q.a}" for q in questions]
 
 
-def answer_correctness(run: Path, questions, sets: dict) -> dict[str, list[bool]]:
+def answers_of_run(run: Path, questions, sets: dict) -> dict[str, list[bool]]:
     """Per question, whether the run's model picks the right answer with the question's
-    image and with a grey one (curation.trainer.eval's ranking of the candidates); cached
-    in the run folder for the same questions."""
-    from curation.trainer.eval import choose_answers, grey_like
+    image and with a grey one (curation.trainer.eval.answer_correctness); cached in the
+    run folder for the same questions."""
+    from curation.trainer.eval import answer_correctness
     from curation.trainer.train import load_run
 
     cache = run / "bench_answers.json"
@@ -248,11 +254,7 @@ def answer_correctness(run: Path, questions, sets: dict) -> dict[str, list[bool]
         if saved.get("questions") == ident:
             return saved["correct"]
     model, tok, _ = load_run(run)
-    candidates = [sets[q.q] for q in questions]
-    correct = {}
-    for condition, images in (("image", [q.image for q in questions]), ("grey", [grey_like(q.image) for q in questions])):
-        picks = choose_answers(model, tok, [([im], q.q, "single") for im, q in zip(images, questions)], candidates)
-        correct[condition] = [pick == q.a for pick, q in zip(picks, questions)]
+    correct = answer_correctness(model, tok, questions, sets, ("image", "grey"))
     cache.write_text(json.dumps({"questions": ident, "correct": correct}))
     return correct
 
@@ -287,7 +289,7 @@ def summarise(correct: dict[str, dict[int, dict[str, list[bool]]]], chance: floa
 
 
 def measure(work: str | Path, noise: float = 0.3, seeds=SEEDS, small: bool = False, questions: int | None = None,
-            random_encoder: bool = False, **train_settings) -> dict:
+            random_encoder: bool = False, jobs: int = 1, **train_settings) -> dict:
     """The whole bench (module docstring); returns every figure, per-phase seconds included."""
     import torch
 
@@ -310,13 +312,17 @@ def measure(work: str | Path, noise: float = 0.3, seeds=SEEDS, small: bool = Fal
         settings["model_overrides"]["vision_id"] = str((paths.demo / "models" / "clip-filter").resolve())
 
     torch.set_num_threads(1)
-    for arm in ARMS:
-        t = time.time()
-        for seed in seeds:
+    t = time.time()
+    runs = [(arm, seed) for arm in ARMS for seed in seeds]
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:  # spawn: a forked child of a process that ran torch can hang in its thread pool
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")))
+            pending = {(arm, seed): pool.submit(train_arm, paths, settings, arm, seed) for arm, seed in runs}
+        for arm, seed in runs:
             log(f"training {settings['arch']}/{settings['size']} on {arm}, seed {seed}, {settings['steps']} steps")
-            result = train_arm(paths, settings, arm, seed)
+            result = pending[arm, seed].result() if jobs > 1 else train_arm(paths, settings, arm, seed)
             log(f"  done: last loss {result['last_loss']}, {result['seconds']} s" if result else "  already trained")
-        times[f"train {arm} ({len(seeds)} seeds)"] = round(time.time() - t, 1)
+    times[f"train ({len(runs)} models, {jobs} at a time)"] = round(time.time() - t, 1)
 
     t = time.time()
     curated_plan = load_plan(paths.plan("curated"))
@@ -336,7 +342,7 @@ def measure(work: str | Path, noise: float = 0.3, seeds=SEEDS, small: bool = Fal
     correct: dict = {}
     for arm in ARMS:
         t = time.time()
-        correct[arm] = {seed: answer_correctness(run_dir(paths, settings, arm, seed), asked, sets) for seed in seeds}
+        correct[arm] = {seed: answers_of_run(run_dir(paths, settings, arm, seed), asked, sets) for seed in seeds}
         times[f"eval {arm}"] = round(time.time() - t, 1)
     times["total"] = round(time.time() - t0, 1)
     return {"settings": {**settings, "seeds": list(seeds), "noise": noise, "small": small, "threads": 1, "workers": 1},
@@ -397,6 +403,32 @@ def plot(result: dict, png: str | Path) -> None:
     plt.close(fig)
 
 
+def plot_sweep(results: list[dict], png: str | Path) -> None:
+    """Accuracy of each arm (pooled, 95% interval) against the raw pool's mismatch share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted(results, key=lambda r: r["settings"]["noise"])
+    noise = [r["settings"]["noise"] for r in results]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for i, arm in enumerate(results[0]["arms"]):
+        rates = [r["arms"][arm]["pooled"] for r in results]
+        ax.errorbar([x + (i - 1) * 0.006 for x in noise], [p["accuracy"] for p in rates],
+                    yerr=[[p["accuracy"] - p["interval"][0] for p in rates], [p["interval"][1] - p["accuracy"] for p in rates]],
+                    marker="o", capsize=4, label=arm)
+    ax.plot(noise, [r["chance"] for r in results], linestyle="--", color="grey", label="chance")
+    ax.set_xticks(noise, [f"{x:.0%}" for x in noise])
+    s = results[0]["settings"]
+    ax.set(xlabel="mismatched image-text rows in the crawl", ylabel="held-out answer accuracy (95% interval)",
+           title=f"{s['arch']}/{s['size']}, {s['steps']} steps, seeds {', '.join(map(str, s['seeds']))}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def _train_option(text: str, settings: dict) -> None:
     """KEY=VALUE: a TrainOptions field (typed as its default), else a model override
     (JSON if it parses, else a string)."""
@@ -421,7 +453,8 @@ def _train_option(text: str, settings: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/bench_data_to_model", help="folder for corpus, crawl, curations, runs")
-    ap.add_argument("--noise", type=float, default=0.3, help="share of image-text rows that are mismatches (0.3)")
+    ap.add_argument("--noise", type=float, nargs="+", default=[0.3],
+                    help="share of image-text rows that are mismatches (0.3); several: one corpus and table each")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--small", action="store_true", help="the small corpus plan (a smoke run)")
     ap.add_argument("--questions", type=int, help="at most this many held-out questions (default: all)")
@@ -434,19 +467,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="another TrainOptions field (e.g. warmup=50) or a model override (e.g. vision_id=...)")
     ap.add_argument("--random-encoder", action="store_true",
                     help="train the tiny from-code ViT from random weights (default: the run's own CLIP filter)")
+    ap.add_argument("--jobs", type=int, default=1, help="models trained at a time (one compute thread each)")
     ap.add_argument("--json", help="write every figure here")
-    ap.add_argument("--plot", help="PNG: accuracy per arm with intervals")
+    ap.add_argument("--plot", help="PNG: accuracy per arm with intervals (several --noise: against the noise share)")
     args = ap.parse_args(argv)
     settings = {"arch": args.arch, "size": args.size, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size}
     for option in args.train_option:
         _train_option(option, settings)
-    result = measure(args.work, args.noise, tuple(args.seeds), args.small, args.questions,
-                     random_encoder=args.random_encoder, **settings)
-    print(table(result))
+    results = []
+    for noise in args.noise:
+        results.append(measure(args.work, noise, tuple(args.seeds), args.small, args.questions,
+                               random_encoder=args.random_encoder, jobs=args.jobs, **settings))
+        print(table(results[-1]) + "\n", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else {"runs": results}, indent=1))
     if args.plot:
-        plot(result, args.plot)
+        (plot if len(results) == 1 else plot_sweep)(results[0] if len(results) == 1 else results, args.plot)
     return 0
 
 

@@ -197,17 +197,29 @@ def answer_accuracy(model: VLM, tok, plan: dict, limit: int = 300, seed: int = 0
     return accuracy_report(model, tok, held_out_questions(model, plan, limit, seed), sets, seed)
 
 
+CONDITIONS = ("image", "grey", "shuffled")  # what each question is asked with: its own image, grey, another's
+
+
+def answer_correctness(model: VLM, tok, questions: list[Question], sets: dict[str, list[str]],
+                       conditions=CONDITIONS, seed: int = 0) -> dict[str, list[bool]]:
+    """Per condition (CONDITIONS), whether the model picks each question's answer among
+    its candidates `sets[q]` when asked with that image."""
+    make = {"image": lambda: [q.image for q in questions], "grey": lambda: [grey_like(q.image) for q in questions],
+            "shuffled": lambda: shuffled_images(questions, seed)}
+    candidates = [sets[q.q] for q in questions]
+    correct = {}
+    for name in conditions:
+        prompts = [([im], q.q, "single") for im, q in zip(make[name](), questions)]
+        correct[name] = [pick == q.a for pick, q in zip(choose_answers(model, tok, prompts, candidates), questions)]
+    return correct
+
+
 def accuracy_report(model: VLM, tok, questions: list[Question], sets: dict[str, list[str]], seed: int = 0) -> dict:
     """Accuracy on the questions with their own, a grey and a shuffled image; intervals."""
     if not questions:
         return {"questions": 0}
     candidates = [sets[q.q] for q in questions]
-    conditions = {"image": [q.image for q in questions], "grey": [grey_like(q.image) for q in questions],
-                  "shuffled": shuffled_images(questions, seed)}
-    correct = {}
-    for name, images in conditions.items():
-        picks = choose_answers(model, tok, [([im], q.q, "single") for im, q in zip(images, questions)], candidates)
-        correct[name] = [pick == q.a for pick, q in zip(picks, questions)]
+    correct = answer_correctness(model, tok, questions, sets, CONDITIONS, seed)
     by_question: dict[str, list] = defaultdict(lambda: [0, 0, 0.0, 0, 0])
     for i, q in enumerate(questions):
         row = by_question[q.q]
