@@ -362,6 +362,39 @@ def test_webm_clips_are_decoded_for_training_and_eval(tmp_path):
     assert [(t, s["uid"], len(s["images"])) for t, s in got] == [("video", uid, 3)]
 
 
+def test_a_long_clip_decodes_only_the_frames_it_keeps(monkeypatch):
+    """A clip's frames spread evenly, first and last included, and only those (plus the
+    seek run-up from a keyframe) are decoded: memory does not grow with the clip."""
+    import av
+
+    from curation.trainer.data import decode_video
+
+    size, frames = 16, 240
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=24, options={"g": "12", "bf": "0"})
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):  # brightness tells the frame's index
+            arr = np.full((size, size, 3), i, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+        container.mux(stream.encode(None))
+    decoded = []
+    real_decode = av.container.InputContainer.decode
+
+    def counting_decode(self, *args, **kwargs):
+        for frame in real_decode(self, *args, **kwargs):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(av.container.InputContainer, "decode", counting_decode)
+    images = decode_video(buf.getvalue(), 4)
+    levels = [int(np.asarray(im).mean().round()) for im in images]
+    expected = [round(i * (frames - 1) / 3) for i in range(4)]  # 0, 80, 159, 239
+    assert all(abs(got - want) <= 3 for got, want in zip(levels, expected)), levels  # lossy codec: a few levels
+    assert 0 < len(decoded) <= 4 * 12 < frames  # at most a GOP per kept frame, never the whole clip
+
+
 # ---------------------------------------------------------------- 8. exact resume at any worker count
 
 

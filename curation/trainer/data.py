@@ -182,14 +182,15 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def decode_video(data: bytes, count: int) -> list[Image.Image]:
-    import av
+    """`count` frames spread evenly over the clip (first and last included). Only those
+    frames are decoded (curation.ops.frames.PyAvVideo seeks to each), so memory does not
+    grow with the clip's length."""
+    from ..ops.frames import PyAvVideo
 
-    with av.open(io.BytesIO(data)) as container:
-        frames = [f.to_image() for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError("video has no frames")
-    picks = [round(i * (len(frames) - 1) / max(1, count - 1)) for i in range(min(count, len(frames)))]
-    return [frames[i].convert("RGB") for i in picks]
+    video = PyAvVideo(data)  # raises ValueError when the stream has no frames
+    n = len(video.pts)
+    picks = [round(i * (n - 1) / max(1, count - 1)) for i in range(min(count, n))]
+    return [Image.fromarray(frame).convert("RGB") for frame in video.frames(picks)]
 
 
 # ---------------------------------------------------------------- conversations
