@@ -23,10 +23,10 @@ on curated data, answers the same held-out questions; which data gives the bette
    trainable=full: one stage from scratch, not connector-only alignment).
 4. Every model answers the held-out questions of the curated arm's plan, those about
    images the corpus planted with true text (scene, text_sign: a mismatch the CLIP filter
-   let through is left out), candidates: every answer each question has in that plan; with
-   its own image and with a grey one. Not excluded: a held-out image's planted copy
-   (exact_dup, near_dup: caption only, no questions) that the raw arm trains on, which
-   can only help raw.
+   let through is left out, and so is every image the corpus also planted a copy of,
+   exact_dup or near_dup under another url, whose caption an arm may train on),
+   candidates: every answer each question has in that plan; with its own image and with
+   a grey one.
 
 Reported per arm: accuracy pooled over the seeds with a 95% Wilson interval, per seed,
 grey-image accuracy (pooled), the share of planted mismatches in its training data; and
@@ -214,6 +214,17 @@ def training_mix(paths: Paths, arm: str) -> dict:
     return {"samples": n, "planted": planted, "mismatch_share": round(planted.get("mismatch", 0) / max(n, 1), 4)}
 
 
+def copied_scenes(corpus_root: Path) -> set[str]:
+    """Paths of the planted scenes that the corpus also planted a copy of (exact_dup,
+    near_dup: the scene's own caption on a copied or re-encoded image, under another url)."""
+    import pandas as pd
+
+    rows = pd.read_parquet(corpus_root / "image_text.parquet").merge(pd.read_parquet(corpus_root / "truth.parquet"),
+                                                                     on="path")
+    copies = set(rows.loc[rows["planted"].isin(("exact_dup", "near_dup")), "caption"])
+    return set(rows.loc[rows["planted"].isin(CLEAN_PLANTS) & rows["caption"].isin(copies), "path"])
+
+
 # ------------------------------------------------------------------ training and evaluation
 
 def run_dir(paths: Paths, settings: dict, arm: str, seed: int) -> Path:
@@ -328,13 +339,18 @@ def measure(work: str | Path, noise: float = 0.3, seeds=SEEDS, small: bool = Fal
     curated_plan = load_plan(paths.plan("curated"))
     model, _, _ = load_run(run_dir(paths, settings, "curated", seeds[0]))
     # clean truth: questions about held-out images the corpus planted with true text (a
-    # mismatch the CLIP filter let through carries questions about another scene)
-    clean = planted_samples(paths, "curated")
-    clean = set(clean[clean["planted"].isin(CLEAN_PLANTS)]["uid"])
+    # mismatch the CLIP filter let through carries questions about another scene), and
+    # none whose image the crawl also holds as a planted copy under another url (an arm
+    # that trains on the copy has seen the answer in its caption)
+    rows = planted_samples(paths, "curated")
+    clean = set(rows[rows["planted"].isin(CLEAN_PLANTS)]["uid"])
+    copied = set(rows[rows["path"].isin(copied_scenes(paths.demo / "corpus"))]["uid"])
     found = held_out_questions(model, curated_plan, 10 ** 9)
-    asked = [q for q in found if q.uid in clean][:questions or None]
-    log(f"held-out questions: {len(found)} in the curated plan, {len(found) - len([q for q in found if q.uid in clean])}"
-        f" of them about planted noise, left out")
+    left_out = {"about planted noise": sum(q.uid not in clean for q in found),
+                "about an image the crawl also holds a copy of": sum(q.uid in clean and q.uid in copied for q in found)}
+    asked = [q for q in found if q.uid in clean and q.uid not in copied][:questions or None]
+    log(f"held-out questions: {len(found)} in the curated plan; left out: "
+        + ", ".join(f"{n} {why}" for why, n in left_out.items()))
     sets = answer_sets(curated_plan)
     chance = sum(1 / len(sets[q.q]) for q in asked) / max(len(asked), 1)
     times["questions"] = round(time.time() - t, 1)
@@ -346,7 +362,7 @@ def measure(work: str | Path, noise: float = 0.3, seeds=SEEDS, small: bool = Fal
         times[f"eval {arm}"] = round(time.time() - t, 1)
     times["total"] = round(time.time() - t0, 1)
     return {"settings": {**settings, "seeds": list(seeds), "noise": noise, "small": small, "threads": 1, "workers": 1},
-            "work": str(paths.root), "questions": len(asked), "training_data": mixes,
+            "work": str(paths.root), "questions": len(asked), "questions_left_out": left_out, "training_data": mixes,
             **summarise(correct, chance), "seconds": times}
 
 
@@ -357,7 +373,8 @@ def table(result: dict) -> str:
     encoder = "the run's CLIP filter as encoder" if s["model_overrides"].get("vision_id") else "random from-code encoder"
     lines = [f"Does curation pay? {s['arch']}/{s['size']} ({encoder}), {s['steps']} steps, batch {s['batch_size']}, lr {s['lr']}, "
              f"seeds {', '.join(map(str, s['seeds']))}; {'small' if s['small'] else 'full'} demo, noise {s['noise']:.0%}; "
-             f"{result['questions']} held-out questions of the curated plan, chance {result['chance']:.1%}", "",
+             f"{result['questions']} held-out questions of the curated plan, chance {result['chance']:.1%} (left out: "
+             + ", ".join(f"{n} {why}" for why, n in result.get("questions_left_out", {}).items()) + ")", "",
              "| arm | training samples | planted mismatches | accuracy (pooled, 95% interval) | per seed | grey image |",
              "|---|---|---|---|---|---|"]
     for arm, a in result["arms"].items():

@@ -96,3 +96,19 @@ def test_the_verdict_needs_the_intervals_apart():
     close = bench.summarise({"raw": arm(100), "curated": arm(110)}, chance=0.25)
     assert close["arms"]["curated"]["pooled"]["accuracy"] > close["arms"]["raw"]["pooled"]["accuracy"]
     assert not close["floor"]["pass"]  # better, but the intervals overlap
+
+
+def test_questions_about_an_image_the_crawl_holds_a_copy_of_are_found(tmp_path):
+    base = dataclasses.replace(corpus.CorpusPlan.small(), scene=40, text_sign=4, exact_dup=6, near_dup=6, huge=1,
+                               trusted=0, documents=0, videos=0, eval_items=0, eval_copied=0)
+    for field in ("optout", "optout_decoys", "multi_scene_videos"):
+        if hasattr(base, field):
+            base = dataclasses.replace(base, **{field: 0})
+    corpus.build(tmp_path, plan=base)
+    copied = _bench().copied_scenes(tmp_path)
+    truth = pd.read_parquet(tmp_path / "truth.parquet")
+    scene_bytes = {(tmp_path / p).read_bytes(): p for p in truth.loc[truth["planted"] == "scene", "path"]}
+    exact_sources = {scene_bytes[(tmp_path / p).read_bytes()] for p in truth.loc[truth["planted"] == "exact_dup", "path"]}
+    assert exact_sources <= copied  # every exactly copied scene, found through its caption
+    assert 6 < len(copied) <= 12 + 2  # and the near copies' (a caption two scenes share may add one)
+    assert all(truth.set_index("path").loc[p, "planted"] in ("scene", "text_sign") for p in copied)
