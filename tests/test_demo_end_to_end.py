@@ -288,3 +288,17 @@ def test_overlapping_raw_shards_cost_only_the_second_copies(demo_out, tmp_path):
     second = ledger[ledger["raw_shard"] == "b.tar"]
     assert len(second) == (ledger["raw_shard"] == "a.tar").sum() > 0
     assert set(second["reason"]) == {"duplicate_uid"} and second["error"].str.contains("also claimed by a.tar").all()
+
+
+def test_a_demo_folder_of_another_corpus_build_is_refused_not_mixed(tmp_path):
+    from curation.demo import corpus
+    from curation.demo.run import run_demo
+    from curation.errors import InputError
+
+    old = {**corpus.build_params(plan=corpus.CorpusPlan.small()), "version": "6"}
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "corpus.json").write_text(json.dumps({"params": old}))
+    (tmp_path / "raw").mkdir()  # its crawl of that older corpus
+    with pytest.raises(InputError, match="another corpus build .*version 6.*raw"):
+        run_demo(tmp_path, small=True, log=lambda m: None)
+    assert json.loads((tmp_path / "corpus" / "corpus.json").read_text())["params"] == old  # nothing rebuilt

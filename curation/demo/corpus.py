@@ -297,11 +297,22 @@ def _shots_video_bytes(shots: list[tuple[tuple[int, int, int], str, str, int]], 
     return buf.getvalue()
 
 
+def build_params(seed: int = 0, plan: CorpusPlan | None = None) -> dict:
+    """What a corpus build depends on: a corpus built with other parameters is another corpus."""
+    return {"version": CORPUS_VERSION, "seed": seed, "plan": (plan or CorpusPlan()).__dict__}
+
+
+def built_params(root: str | Path) -> dict | None:
+    """The parameters of the corpus built under `root`, None if none is."""
+    stamp = Path(root) / "corpus.json"
+    return json.loads(stamp.read_text()).get("params") if stamp.is_file() else None
+
+
 def build(root: str | Path, seed: int = 0, plan: CorpusPlan | None = None) -> dict:
     """Write the corpus under `root` (skipped if already built with the same parameters)."""
     root = Path(root)
     plan = plan or CorpusPlan()
-    params = {"version": CORPUS_VERSION, "seed": seed, "plan": plan.__dict__}
+    params = build_params(seed, plan)
     stamp = root / "corpus.json"
     if stamp.exists():
         existing = json.loads(stamp.read_text())

@@ -13,6 +13,7 @@ from .. import config
 from ..crawl import KINDS
 from ..crawl.image_text import crawl_image_text
 from ..crawl.media import crawl_media
+from ..errors import InputError
 from ..paths import find_pipeline
 from ..report import write_report
 from ..captioner import TRAINING_FILE as CAPTIONER_RECORD
@@ -25,6 +26,7 @@ from .server import serve_directory
 
 
 MODELS_ENV = "CURATION_MODELS"
+DERIVED_FOLDERS = ("raw", "models", "curated")  # what a demo run makes from its corpus
 FILTER_EPOCHS = {"full": 12, "small": 24}  # about 11k pair-passes either way
 CAPTIONER_STEPS = {"full": 400, "small": 150}
 
@@ -35,6 +37,14 @@ def run_demo(out: str | Path, small: bool = False, ray_address: str | None = Non
     out = Path(out)
     t0 = time.time()
     plan = plan or (corpus.CorpusPlan.small() if small else corpus.CorpusPlan())
+    built = corpus.built_params(out / "corpus")
+    derived = [d for d in DERIVED_FOLDERS if (out / d).exists()]
+    if built is not None and built != corpus.build_params(plan=plan) and derived:
+        # the crawl, models and curation were made from the corpus as it was: re-using them
+        # beside a rebuilt corpus would mix two corpora (and its truth would not match)
+        raise InputError(f"{out} holds a demo run of another corpus build (version {built.get('version')}, this "
+                         f"package builds version {corpus.CORPUS_VERSION}, or another plan): its "
+                         f"{', '.join(derived)} would not match; use a new output folder or remove {out}")
     log(f"[1/4] building the demo corpus in {out / 'corpus'}")
     info = corpus.build(out / "corpus", plan=plan)
     raw = out / "raw"
