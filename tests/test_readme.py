@@ -21,7 +21,7 @@ def python_blocks():
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_readme_python_example_runs(demo_out, index, tmp_path):
     code = python_blocks()[index].replace("shards/demo", str(demo_out))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip()
