@@ -499,10 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(measure(args.work, noise, tuple(args.seeds), args.small, args.questions,
                                random_encoder=args.random_encoder, jobs=args.jobs, **settings))
         print(table(results[-1]) + "\n", flush=True)
+    single = results[0] if len(results) == 1 else None
     if args.json:
-        Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else {"runs": results}, indent=1))
-    if args.plot:
-        (plot if len(results) == 1 else plot_sweep)(results[0] if len(results) == 1 else results, args.plot)
+        Path(args.json).write_text(json.dumps(single or {"runs": results}, indent=1))
+    if args.plot and single:
+        plot(single, args.plot)
+    elif args.plot:
+        plot_sweep(results, args.plot)
     return 0
 
 
